@@ -1,0 +1,204 @@
+"""The application: `create_app(settings)` builds the ASGI callable; its lifespan owns every client.
+
+Routing is a dict lookup on the path. The inference endpoints run on plain ASGI (see `gateway.proxy`);
+the admin API and its OpenAPI document are a FastAPI app mounted under `/admin`, where the framework's
+validation and schema are worth their cost. Every response, from either side, carries `x-request-id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from gateway.admin import AdminContext, create_admin_app
+from gateway.asgi import Message, Receive, Scope, Send, header, send_response
+from gateway.auth import Authenticator
+from gateway.backends import BackendPool
+from gateway.billing import Billing
+from gateway.config import Settings
+from gateway.errors import GatewayError, NotFoundError
+from gateway.metrics import Metrics
+from gateway.proxy import InferenceHandler
+from gateway.salt import SaltDeriver
+from gateway.state import load_salt_secret, reconcile_config
+from gateway.store import SqliteStore, Store
+
+__all__ = ["GatewayApp", "create_app"]
+
+log = logging.getLogger("gateway")
+
+_ENDPOINTS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/responses": "responses",
+}
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+_ADMIN_PREFIXES = ("/admin", "/openapi.json", "/docs", "/redoc")
+
+
+@dataclass
+class _Running:
+    """Everything the lifespan creates; None until start-up completes."""
+
+    store: Store
+    session: aiohttp.ClientSession
+    handler: InferenceHandler
+    authenticator: Authenticator
+    admin: object
+    billing: Billing
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+class GatewayApp:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.backends = BackendPool(settings, self.metrics)
+        self.ready = False
+        self.draining = False
+        self._running: _Running | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    # --- lifespan -------------------------------------------------------------------------------
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        settings = self.settings
+        store: Store = SqliteStore(settings.state_path)
+        salt_secret = await load_salt_secret(settings, store)
+        for tenant_id in await reconcile_config(settings, store):
+            self.metrics.know_tenant(tenant_id)
+        for tenant in await store.list_tenants(limit=500):
+            self.metrics.know_tenant(tenant.id)
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
+        authenticator = Authenticator(store)
+        backend_keys = {b.name: settings.env_secrets[b.api_key_env] for b in settings.backends if b.api_key_env}
+        billing = Billing(settings)
+        handler = InferenceHandler(
+            settings,
+            authenticator,
+            self.backends,
+            session,
+            SaltDeriver(salt_secret),
+            self.metrics,
+            backend_keys,
+            billing,
+        )
+        admin = create_admin_app(AdminContext(settings, store, authenticator, self.metrics))
+        self._running = _Running(store, session, handler, authenticator, admin, billing)
+        await self.backends.check_all(session)
+        self._running.tasks.append(asyncio.create_task(self._health_loop(session)))
+        self.ready = True
+        log.info("gateway ready: %d backends, %d models", len(settings.backends), len(settings.models))
+
+    async def shutdown(self) -> None:
+        self.ready = False
+        running, self._running = self._running, None
+        if running is None:
+            return
+        for task in running.tasks:
+            task.cancel()
+        for task in running.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await running.session.close()
+        running.billing.close()
+        await running.store.close()
+
+    async def _health_loop(self, session: aiohttp.ClientSession) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            try:
+                await self.backends.check_all(session)
+            except Exception:  # a health check must never stop the loop
+                log.exception("health check failed")
+
+    # --- requests -------------------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        given = header(scope, b"x-request-id")
+        request_id = given.decode() if given and _REQUEST_ID.match(given) else "req_" + os.urandom(12).hex()
+        rid = (b"x-request-id", request_id.encode())
+        path: str = scope["path"]
+        method: str = scope["method"]
+        endpoint = _ENDPOINTS.get(path)
+        running = self._running
+        try:
+            if endpoint is not None and method == "POST":
+                if running is None:
+                    raise GatewayError("The gateway is starting up.", code="not_ready")
+                await running.handler.handle(scope, receive, send, endpoint, request_id)
+            elif path == "/livez":
+                await send_response(send, 200, b'{"status":"ok"}', [rid])
+            elif path == "/readyz":
+                ok = self.ready and not self.draining
+                body = b'{"status":"ready"}' if ok else b'{"status":"not ready"}'
+                await send_response(send, 200 if ok else 503, body, [rid])
+            elif path == "/metrics":
+                await send_response(
+                    send, 200, self.metrics.exposition(), [rid], content_type=b"text/plain; version=0.0.4"
+                )
+            elif path.startswith("/v1/models") and method == "GET" and running is not None:
+                await running.handler.models(scope, send, path, request_id)
+            elif path.startswith(_ADMIN_PREFIXES) and running is not None:
+                await running.admin(scope, receive, _with_header(send, rid))  # type: ignore[operator]
+            else:
+                raise NotFoundError(f"Unknown path: {method} {path[:200]}", code="not_found")
+        except GatewayError as exc:
+            await _send_error(send, exc, rid)
+        except Exception:
+            log.exception("unhandled error on %s %s (request %s)", method, path[:200], request_id)
+            await _send_error(send, GatewayError("The gateway failed to handle the request."), rid)
+
+
+def _with_header(send: Send, extra: tuple[bytes, bytes]) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", []), extra]
+        await send(message)
+
+    return wrapped
+
+
+async def _send_error(send: Send, exc: GatewayError, rid: tuple[bytes, bytes]) -> None:
+    headers = [rid, *((k.encode(), v.encode()) for k, v in exc.headers.items())]
+    # If the response had already started (a stream), nothing more can be said on this connection.
+    with contextlib.suppress(RuntimeError):
+        await send_response(send, exc.status, exc.body(), headers)
+
+
+def create_app(settings: Settings) -> GatewayApp:
+    """Build the app. No I/O happens here: the lifespan opens the store and the upstream pool."""
+    return GatewayApp(settings)

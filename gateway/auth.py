@@ -1,0 +1,95 @@
+"""Authentication: `Authorization: Bearer sk-gw-...` -> `Principal`, served from an in-process cache.
+
+A key seen recently costs one SHA-256 and one dict lookup; the store is read only on a miss. Misses are
+cached briefly too, so a flood of wrong keys cannot turn into a flood of store reads. Any change made
+through this process (a new key, a revocation) invalidates the cache entry at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from gateway.errors import AuthenticationError
+from gateway.keys import hash_key, hashes_equal, looks_like_key
+from gateway.store import Store
+from gateway.tenancy import Principal
+
+__all__ = ["Authenticator", "bearer_token"]
+
+_MISSING = "You didn't provide an API key. Send it in the Authorization header: 'Authorization: Bearer sk-gw-...'."
+_INVALID = "Incorrect API key provided."
+
+
+def bearer_token(header: bytes | None) -> str | None:
+    if not header:
+        return None
+    try:
+        value = header.decode("latin-1").strip()
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
+        return None
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+class Authenticator:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        ttl_s: float = 5.0,
+        negative_ttl_s: float = 1.0,
+        max_entries: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._ttl = ttl_s
+        self._negative_ttl = negative_ttl_s
+        self._max = max_entries
+        self._clock = clock
+        self._wall = wall_clock
+        self._cache: dict[str, tuple[Principal | None, float]] = {}
+
+    async def authenticate(self, header: bytes | None) -> Principal:
+        token = bearer_token(header)
+        if token is None:
+            raise AuthenticationError(_MISSING)
+        if not looks_like_key(token):
+            raise AuthenticationError(_INVALID)
+        digest = hash_key(token)
+        now = self._clock()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[1] > now:
+            principal = hit[0]
+        else:
+            principal = await self._load(digest)
+            if len(self._cache) >= self._max:
+                self._cache.clear()  # crude but bounded; a full cache refills from the store
+            ttl = self._ttl if principal is not None else self._negative_ttl
+            self._cache[digest] = (principal, now + ttl)
+        if principal is None or not hashes_equal(principal.key.secret_hash, digest):
+            raise AuthenticationError(_INVALID)
+        key = principal.key
+        if key.revoked or key.disabled:
+            raise AuthenticationError("This API key has been revoked or disabled.")
+        if key.expires_at is not None and key.expires_at <= self._wall():
+            raise AuthenticationError("This API key has expired.")
+        return principal
+
+    async def _load(self, digest: str) -> Principal | None:
+        key = await self._store.get_key_by_hash(digest)
+        if key is None:
+            return None
+        tenant = await self._store.get_tenant(key.tenant_id)
+        if tenant is None:
+            return None
+        return Principal(tenant=tenant, key=key)
+
+    def invalidate(self, digest: str | None = None) -> None:
+        if digest is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(digest, None)

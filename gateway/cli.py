@@ -1,0 +1,70 @@
+"""The `gateway` command line: `serve`, `sim`, `demo`, and admin commands over the admin API.
+
+Each subcommand imports what it needs when it runs, so `gateway --help` stays instant and the
+simulator never imports the gateway's server stack (or the reverse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.config import ConfigError, load_settings
+    from gateway.serve import run
+
+    config_path = args.config or os.environ.get("GATEWAY_CONFIG")
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        print(f"gateway: config error: {exc}", file=sys.stderr)
+        return 2
+    host = args.host or settings.listen.host
+    port = args.port if args.port is not None else settings.listen.port
+    return run(settings, config_path, host, port, args.workers)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(host=args.host, port=args.port, sim_port=args.sim_port, state_dir=args.state_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="A tenant-aware, OpenAI-compatible gateway.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="YAML config file (default: $GATEWAY_CONFIG)")
+    serve.add_argument("--host", help="listen address (overrides listen.host)")
+    serve.add_argument("--port", type=int, help="listen port (overrides listen.port)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.set_defaults(func=_serve)
+
+    from gateway.sim import cli as sim_cli
+
+    sim = sub.add_parser("sim", help="run the built-in vLLM simulator")
+    sim_cli.add_arguments(sim)
+    sim.set_defaults(func=sim_cli.run)
+
+    demo = sub.add_parser("demo", help="simulator + gateway + two demo tenants, in one command")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--sim-port", type=int, default=8000)
+    demo.add_argument("--state-dir", default=".gateway/demo")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

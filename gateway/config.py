@@ -1,0 +1,232 @@
+"""Typed, frozen settings: the YAML file of SPEC section 2, `GATEWAY_*` overrides, secrets from the environment.
+
+Settings are read once at the entry point (`load_settings`) and passed down; nothing reads the environment
+later. A bad file raises `ConfigError` whose message names the field (`backends[0].kind: ...`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gateway.tenancy import Quotas, Tenant
+
+__all__ = [
+    "BackendConfig",
+    "ConfigError",
+    "ModelConfig",
+    "Settings",
+    "load_settings",
+]
+
+# Environment variables that are not config overrides.
+_NOT_OVERRIDES = {"GATEWAY_ADMIN_KEY", "GATEWAY_SALT_SECRET", "GATEWAY_CONFIG", "GATEWAY_URL"}
+_SECRET_FIELDS = {"admin_key", "salt_secret", "api_key", "password", "env_secrets"}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the offending field."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ListenConfig(_Frozen):
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class LimitsConfig(_Frozen):
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_tokens_cap: int = Field(default=32768, ge=1)
+    # Upstream timeouts: connecting, and waiting for the first byte / between bytes of a stream.
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=300.0, gt=0)
+
+
+class BackendConfig(_Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    kind: Literal["vllm", "openai", "litellm"] = "vllm"
+    url: str = Field(pattern=r"^https?://")
+    capacity: int = Field(default=64, ge=1)
+    # For non-vLLM backends: does the server share one prefix cache across all its callers?
+    shares_prefix_cache: bool = False
+    # The name of the environment variable holding the backend's API key (never the key itself).
+    api_key_env: str | None = None
+    provider_model: str | None = None
+
+
+class Price(_Frozen):
+    input_per_1k: float = Field(default=0.0, ge=0)
+    output_per_1k: float = Field(default=0.0, ge=0)
+    currency: str = "USD"
+
+
+class ModelConfig(_Frozen):
+    name: str = Field(min_length=1, max_length=200)
+    backends: tuple[str, ...] = Field(min_length=1)
+    upstream_model: str | None = None
+    price: Price | None = None
+
+    @property
+    def upstream_name(self) -> str:
+        return self.upstream_model or self.name
+
+
+class KeyConfig(_Frozen):
+    """A key declared in config: its secret comes from the environment, or only its hash is given."""
+
+    name: str
+    key_env: str | None = None
+    key_hash: str | None = Field(default=None, pattern=r"^(sha256:)?[0-9a-f]{64}$")
+    models: tuple[str, ...] | None = None
+    limits: Quotas = Quotas()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> KeyConfig:
+        if (self.key_env is None) == (self.key_hash is None):
+            raise ValueError("give exactly one of key_env or key_hash")
+        return self
+
+
+class TenantConfig(Tenant):
+    keys: tuple[KeyConfig, ...] = ()
+
+
+class SinkConfig(_Frozen):
+    kind: Literal["jsonl", "redis_stream", "webhook"]
+    path: str | None = None
+    url: str | None = None
+    stream: str | None = None
+
+
+class BillingConfig(_Frozen):
+    sinks: tuple[SinkConfig, ...] = ()
+    source: str = "gateway"
+
+
+class Settings(_Frozen):
+    listen: ListenConfig = ListenConfig()
+    redis_url: str | None = None
+    state_path: str = ".gateway/state.db"
+    limits: LimitsConfig = LimitsConfig()
+    backends: tuple[BackendConfig, ...] = ()
+    models: tuple[ModelConfig, ...] = ()
+    tenants: tuple[TenantConfig, ...] = ()
+    billing: BillingConfig = BillingConfig()
+    health_interval_s: float = Field(default=10.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Secrets: only ever from the environment (see load_settings); excluded from repr.
+    admin_key: str | None = Field(default=None, repr=False)
+    salt_secret: str | None = Field(default=None, repr=False)
+    # Values of the environment variables named by `key_env` / `api_key_env`, read once at load time.
+    env_secrets: dict[str, str] = Field(default_factory=dict, repr=False)
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        names = [b.name for b in self.backends]
+        if len(set(names)) != len(names):
+            raise ValueError("backends: names must be unique")
+        models = [m.name for m in self.models]
+        if len(set(models)) != len(models):
+            raise ValueError("models: names must be unique")
+        for i, model in enumerate(self.models):
+            for backend in model.backends:
+                if backend not in names:
+                    raise ValueError(f"models[{i}].backends: unknown backend {backend!r}")
+        tenants = [t.id for t in self.tenants]
+        if len(set(tenants)) != len(tenants):
+            raise ValueError("tenants: ids must be unique")
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _apply_override(data: dict[str, Any], path: list[str], raw: str) -> None:
+    node: Any = data
+    for part in path[:-1]:
+        nxt = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[path[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def load_settings(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the YAML file (if any), apply `GATEWAY_*` overrides, take secrets from the environment."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded
+    for field in _SECRET_FIELDS & set(data):
+        raise ConfigError(f"{field}: secrets are not read from the config file; set GATEWAY_{field.upper()}")
+    for name, raw in env.items():
+        if not name.startswith("GATEWAY_") or name in _NOT_OVERRIDES:
+            continue
+        parts = [p.lower() for p in name[len("GATEWAY_") :].split("__") if p]
+        if parts:
+            try:
+                _apply_override(data, parts, raw)
+            except yaml.YAMLError:
+                raise ConfigError(f"{name}: not a valid value") from None
+    data["admin_key"] = env.get("GATEWAY_ADMIN_KEY") or None
+    data["salt_secret"] = env.get("GATEWAY_SALT_SECRET") or None
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = _loc(tuple(err["loc"]))
+            msg = err["msg"].removeprefix("Value error, ")
+            # Cross-field checks already name their field in the message.
+            problems.append(f"{where}: {msg}" if where else msg)
+        raise ConfigError("; ".join(problems)) from None
+    return settings.model_copy(update={"env_secrets": _env_secrets(settings, env)})
+
+
+def _env_secrets(settings: Settings, env: Mapping[str, str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    wanted: list[tuple[str, str]] = []
+    for i, tenant in enumerate(settings.tenants):
+        for j, key in enumerate(tenant.keys):
+            if key.key_env is not None:
+                wanted.append((f"tenants[{i}].keys[{j}].key_env", key.key_env))
+    for i, backend in enumerate(settings.backends):
+        if backend.api_key_env is not None:
+            wanted.append((f"backends[{i}].api_key_env", backend.api_key_env))
+    for where, name in wanted:
+        value = env.get(name)
+        if not value:
+            raise ConfigError(f"{where}: environment variable {name} is not set")
+        found[name] = value
+    return found

@@ -1,0 +1,85 @@
+"""Prometheus metrics (SPEC section 8): names prefixed `gateway_`, base units, counters end in `_total`.
+
+One registry per app (no module-level collectors, so two apps in one process do not collide). Tenant
+labels are bounded: only tenants known to this gateway get their own label value, the rest are `other`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self, max_tenants: int = 500) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._tenants: set[str] = set()
+        self._max_tenants = max_tenants
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests answered, by tenant, model and HTTP status.",
+            ["tenant", "model", "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Time from request to the last byte of the answer.",
+            ["tenant", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "Time from request to the first streamed chunk.",
+            ["tenant", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "gateway_tokens",
+            "Tokens processed, by kind (prompt, completion, cached).",
+            ["tenant", "model", "kind"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors",
+            "Failed upstream calls, by backend and reason.",
+            ["backend", "reason"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "gateway_upstream_latency_seconds",
+            "Upstream time to response headers, by backend.",
+            ["backend"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.backend_up = Gauge(
+            "gateway_backend_up", "1 if the backend answered its last health check.", ["backend"], registry=r
+        )
+        self.salt_unsupported = Gauge(
+            "gateway_backend_salt_unsupported",
+            "1 if the backend accepted an invalid cache_salt (it would ignore salts: fail closed).",
+            ["backend"],
+            registry=r,
+        )
+        self.isolation_rejections = Counter(
+            "gateway_isolation_rejections",
+            "Requests refused because no backend for the model enforces prefix-cache isolation.",
+            ["tenant", "model"],
+            registry=r,
+        )
+
+    def know_tenant(self, tenant_id: str) -> None:
+        if len(self._tenants) < self._max_tenants:
+            self._tenants.add(tenant_id)
+
+    def tenant_label(self, tenant_id: str) -> str:
+        return tenant_id if tenant_id in self._tenants else "other"
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,402 @@
+"""The inference request path, top to bottom in one place.
+
+    authenticate -> parse -> authorise model -> choose backend -> rewrite -> forward -> record
+
+Each stage returns a plain value (a principal, a parsed request, a backend, usage) and raises a
+`GatewayError` to stop; the stages do not call each other. Nothing here knows about ASGI routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+
+from gateway.asgi import Receive, Scope, Send, header, read_body, send_response
+from gateway.auth import Authenticator
+from gateway.backends import Backend, BackendPool
+from gateway.billing import Billing
+from gateway.config import ModelConfig, Settings
+from gateway.errors import GatewayError, NotFoundError, PermissionDeniedError, UpstreamError
+from gateway.metrics import Metrics
+from gateway.requests import ParsedRequest, parse_request
+from gateway.salt import SaltDeriver
+from gateway.tenancy import Principal
+from gateway.upstream import (
+    UPSTREAM_FAILED,
+    Relay,
+    Usage,
+    backend_headers,
+    error_from_backend,
+    usage_from,
+)
+
+__all__ = ["InferenceHandler", "Outcome"]
+
+log = logging.getLogger("gateway.proxy")
+
+_PATHS = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "embeddings": "/v1/embeddings",
+    "responses": "/v1/responses",
+}
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one request that reached a backend: the input of metering and billing."""
+
+    request_id: str
+    principal: Principal
+    model: str
+    backend: str
+    endpoint: str
+    stream: bool
+    status: int
+    usage: Usage
+    partial: bool
+    finish_reason: str | None
+    duration_s: float
+    ttft_s: float | None
+
+
+class InferenceHandler:
+    def __init__(
+        self,
+        settings: Settings,
+        authenticator: Authenticator,
+        backends: BackendPool,
+        session: aiohttp.ClientSession,
+        salts: SaltDeriver,
+        metrics: Metrics,
+        backend_keys: Mapping[str, str],
+        billing: Billing,
+    ) -> None:
+        self._billing = billing
+        self._limits = settings.limits
+        self._models: dict[str, ModelConfig] = {m.name: m for m in settings.models}
+        self._auth = authenticator
+        self._backends = backends
+        self._session = session
+        self._salts = salts
+        self._metrics = metrics
+        self._backend_keys = backend_keys
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=settings.limits.connect_timeout_s,
+            sock_read=settings.limits.read_timeout_s,
+        )
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: str, request_id: str) -> None:
+        started = time.perf_counter()
+        principal = await self._auth.authenticate(header(scope, b"authorization"))
+        raw = await read_body(scope, receive, self._limits.max_body_bytes)
+        request = parse_request(endpoint, raw, self._limits.max_tokens_cap)
+        model = self._authorise(principal, request.model)
+        cache_scope = principal.cache_scope()
+        tenant_label = self._metrics.tenant_label(principal.tenant_id)
+        backend = self._backends.choose(model, cache_scope is not None, tenant_label)
+        payload = self._rewrite(request, principal, model, backend, cache_scope)
+        if request.stream:
+            outcome = await self._stream(
+                scope, receive, send, request, principal, model, backend, payload, request_id, started
+            )
+        else:
+            outcome = await self._unary(send, request, principal, model, backend, payload, request_id, started)
+        self._record(outcome)
+
+    async def models(self, scope: Scope, send: Send, path: str, request_id: str) -> None:
+        """`GET /v1/models` (only what the caller may use) and `GET /v1/models/{id}`."""
+        principal = await self._auth.authenticate(header(scope, b"authorization"))
+        rid = [(b"x-request-id", request_id.encode())]
+        if path in ("/v1/models", "/v1/models/"):
+            data = [_model_object(m) for m in self._models.values() if principal.may_use(m.name)]
+            await send_response(send, 200, orjson.dumps({"object": "list", "data": data}), rid)
+            return
+        name = path[len("/v1/models/") :]
+        if not path.startswith("/v1/models/") or name not in self._models or not principal.may_use(name):
+            # A model the caller may not use looks unknown: no tenant learns what others may use.
+            raise NotFoundError(f"The model '{name[:200]}' does not exist.", param="model")
+        await send_response(send, 200, orjson.dumps(_model_object(self._models[name])), rid)
+
+    def _authorise(self, principal: Principal, name: str) -> ModelConfig:
+        model = self._models.get(name)
+        if model is None:
+            raise NotFoundError(f"The model '{name}' does not exist.", param="model")
+        if not principal.may_use(name):
+            raise PermissionDeniedError(f"Your key is not allowed to use the model '{name}'.", param="model")
+        return model
+
+    def _rewrite(
+        self,
+        request: ParsedRequest,
+        principal: Principal,
+        model: ModelConfig,
+        backend: Backend,
+        cache_scope: str | None,
+    ) -> bytes:
+        body = request.body
+        body["model"] = model.upstream_name
+        # The client's own salt is never forwarded as is (SPEC section 5).
+        body.pop("cache_salt", None)
+        if backend.config.kind == "vllm" and cache_scope is not None:
+            if request.client_salt is not None and principal.tenant.allow_client_salt:
+                body["cache_salt"] = self._salts.derive_sub(cache_scope, request.client_salt)
+            else:
+                body["cache_salt"] = self._salts.derive(cache_scope)
+        if request.stream and request.endpoint != "responses":
+            options = body.get("stream_options") or {}
+            body["stream_options"] = {**options, "include_usage": True}
+        policy = principal.tenant.user_field
+        if policy == "tenant":
+            body["user"] = principal.tenant_id
+        elif policy == "strip":
+            body.pop("user", None)
+        return orjson.dumps(body)
+
+    def _model_swap(self, model: ModelConfig) -> tuple[bytes | None, bytes | None]:
+        if model.upstream_name == model.name:
+            return None, None
+        return (
+            b'"model":' + orjson.dumps(model.upstream_name),
+            b'"model":' + orjson.dumps(model.name),
+        )
+
+    async def _unary(
+        self,
+        send: Send,
+        request: ParsedRequest,
+        principal: Principal,
+        model: ModelConfig,
+        backend: Backend,
+        payload: bytes,
+        request_id: str,
+        started: float,
+    ) -> Outcome:
+        url = backend.base_url + _PATHS[request.endpoint]
+        headers = backend_headers(backend, request_id, self._backend_keys.get(backend.name))
+        try:
+            async with self._session.post(url, data=payload, headers=headers, timeout=self._timeout) as resp:
+                status = resp.status
+                data = await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self._metrics.upstream_errors.labels(backend.name, type(exc).__name__).inc()
+            self._record(
+                Outcome(
+                    request_id=request_id,
+                    principal=principal,
+                    model=model.name,
+                    backend=backend.name,
+                    endpoint=request.endpoint,
+                    stream=False,
+                    status=502,
+                    usage=Usage(),
+                    partial=True,
+                    finish_reason=None,
+                    duration_s=time.perf_counter() - started,
+                    ttft_s=None,
+                )
+            )
+            raise UpstreamError(UPSTREAM_FAILED) from None
+        self._metrics.upstream_latency.labels(backend.name).observe(time.perf_counter() - started)
+        usage = Usage()
+        if status >= 400:
+            if status >= 500:
+                self._metrics.upstream_errors.labels(backend.name, f"http_{status}").inc()
+            error = error_from_backend(status, data)
+            await send_response(send, error.status, error.body(), [(b"x-request-id", request_id.encode())])
+            status = error.status
+        else:
+            swap_from, swap_to = self._model_swap(model)
+            if swap_from is not None and swap_to is not None:
+                data = data.replace(swap_from, swap_to, 1)
+            with contextlib.suppress(orjson.JSONDecodeError):
+                usage = usage_from(orjson.loads(data)) or Usage()
+            await send_response(send, status, data, [(b"x-request-id", request_id.encode())])
+        return Outcome(
+            request_id=request_id,
+            principal=principal,
+            model=model.name,
+            backend=backend.name,
+            endpoint=request.endpoint,
+            stream=False,
+            status=status,
+            usage=usage,
+            partial=False,
+            finish_reason=None,
+            duration_s=time.perf_counter() - started,
+            ttft_s=None,
+        )
+
+    async def _stream(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request: ParsedRequest,
+        principal: Principal,
+        model: ModelConfig,
+        backend: Backend,
+        payload: bytes,
+        request_id: str,
+        started: float,
+    ) -> Outcome:
+        url = backend.base_url + _PATHS[request.endpoint]
+        headers = backend_headers(backend, request_id, self._backend_keys.get(backend.name))
+        swap_from, swap_to = self._model_swap(model)
+        relay = Relay(send, client_wants_usage=request.client_wants_usage, model_from=swap_from, model_to=swap_to)
+        status = 200
+        started_response = False
+
+        async def forward() -> None:
+            nonlocal status, started_response
+            try:
+                resp_cm = self._session.post(url, data=payload, headers=headers, timeout=self._timeout)
+                resp = await resp_cm.__aenter__()
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                self._metrics.upstream_errors.labels(backend.name, type(exc).__name__).inc()
+                raise UpstreamError(UPSTREAM_FAILED) from None
+            try:
+                self._metrics.upstream_latency.labels(backend.name).observe(time.perf_counter() - started)
+                if resp.status != 200:
+                    data = await resp.read()
+                    if resp.status >= 500:
+                        self._metrics.upstream_errors.labels(backend.name, f"http_{resp.status}").inc()
+                    raise error_from_backend(resp.status, data)
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [*_SSE_HEADERS, (b"x-request-id", request_id.encode())],
+                    }
+                )
+                started_response = True
+                await relay.run(resp, started)
+            finally:
+                await resp_cm.__aexit__(None, None, None)
+
+        task = asyncio.ensure_future(forward())
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        client_gone = task not in done
+        if client_gone:
+            # The client went away: cancelling closes the upstream connection, which stops generation.
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            status = 499
+        else:
+            watcher.cancel()
+            exc = task.exception()
+            if isinstance(exc, GatewayError) and not started_response:
+                # Nothing was sent yet: the app answers with a normal error response.
+                outcome = self._stream_outcome(
+                    request_id, principal, model, backend, request, exc.status, relay, started, partial=False
+                )
+                self._record(outcome)
+                raise exc
+            if exc is not None:
+                raise exc
+        out = relay.outcome
+        partial = client_gone or out.failed
+        if partial and status == 200:
+            status = 502
+        return self._stream_outcome(
+            request_id, principal, model, backend, request, status, relay, started, partial=partial
+        )
+
+    def _stream_outcome(
+        self,
+        request_id: str,
+        principal: Principal,
+        model: ModelConfig,
+        backend: Backend,
+        request: ParsedRequest,
+        status: int,
+        relay: Relay,
+        started: float,
+        *,
+        partial: bool,
+    ) -> Outcome:
+        out = relay.outcome
+        usage = out.usage
+        if not out.usage_seen:
+            # Interrupted before the backend's usage chunk: bill what was relayed (one token per chunk).
+            usage = Usage(prompt_tokens=0, completion_tokens=out.content_chunks, cached_tokens=0)
+        return Outcome(
+            request_id=request_id,
+            principal=principal,
+            model=model.name,
+            backend=backend.name,
+            endpoint=request.endpoint,
+            stream=True,
+            status=status,
+            usage=usage,
+            partial=partial,
+            finish_reason=out.finish_reason,
+            duration_s=time.perf_counter() - started,
+            ttft_s=out.first_chunk_at,
+        )
+
+    def _record(self, outcome: Outcome) -> None:
+        m = self._metrics
+        tenant = m.tenant_label(outcome.principal.tenant_id)
+        m.requests.labels(tenant, outcome.model, str(outcome.status)).inc()
+        m.duration.labels(tenant, outcome.model).observe(outcome.duration_s)
+        if outcome.ttft_s is not None:
+            m.ttft.labels(tenant, outcome.model).observe(outcome.ttft_s)
+        usage = outcome.usage
+        if usage.prompt_tokens:
+            m.tokens.labels(tenant, outcome.model, "prompt").inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            m.tokens.labels(tenant, outcome.model, "completion").inc(usage.completion_tokens)
+        if usage.cached_tokens:
+            m.tokens.labels(tenant, outcome.model, "cached").inc(usage.cached_tokens)
+        cost, currency = self._billing.cost(outcome.model, usage.prompt_tokens, usage.completion_tokens)
+        self._billing.emit(
+            outcome.request_id,
+            outcome.principal.tenant_id,
+            {
+                "tenant": outcome.principal.tenant_id,
+                "key_id": outcome.principal.key.id,
+                "model": outcome.model,
+                "backend": outcome.backend,
+                "endpoint": outcome.endpoint,
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "cached_tokens": usage.cached_tokens,
+                "cost": cost,
+                "currency": currency,
+                "status": outcome.status,
+                "finish_reason": outcome.finish_reason,
+                "stream": outcome.stream,
+                "partial": outcome.partial,
+                "timings": {
+                    "duration_ms": round(outcome.duration_s * 1000, 3),
+                    "ttft_ms": None if outcome.ttft_s is None else round(outcome.ttft_s * 1000, 3),
+                },
+            },
+        )
+
+
+def _model_object(model: ModelConfig) -> dict[str, object]:
+    return {"id": model.name, "object": "model", "created": 0, "owned_by": "gateway"}
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

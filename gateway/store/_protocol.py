@@ -1,0 +1,39 @@
+"""The store seam: everything the gateway persists about tenants and keys goes through this protocol."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from gateway.tenancy import KeyRecord, Tenant
+
+__all__ = ["Store"]
+
+
+class Store(Protocol):
+    async def create_tenant(self, tenant: Tenant) -> None:
+        """Insert; raise `ConflictError` if the id exists."""
+
+    async def put_tenant(self, tenant: Tenant) -> None:
+        """Insert or replace (used by config reconciliation and updates)."""
+
+    async def get_tenant(self, tenant_id: str) -> Tenant | None: ...
+
+    async def list_tenants(self, *, after: str | None = None, limit: int = 100) -> list[Tenant]: ...
+
+    async def delete_tenant(self, tenant_id: str) -> bool:
+        """Delete the tenant and all its keys; False if it did not exist."""
+
+    async def create_key(self, key: KeyRecord) -> None: ...
+
+    async def put_key(self, key: KeyRecord) -> None: ...
+
+    async def get_key(self, key_id: str) -> KeyRecord | None: ...
+
+    async def get_key_by_hash(self, secret_hash: str) -> KeyRecord | None: ...
+
+    async def list_keys(self, tenant_id: str) -> list[KeyRecord]: ...
+
+    async def get_or_set_meta(self, name: str, value: str) -> str:
+        """Return the stored value of `name`, storing `value` first if there is none (atomically)."""
+
+    async def close(self) -> None: ...

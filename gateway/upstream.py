@@ -1,0 +1,169 @@
+"""Talking to backends: one pooled aiohttp session, unary calls, and the SSE relay.
+
+aiohttp was chosen by measurement (docs/ARCHITECTURE.md): httpx's pool serialises under concurrency.
+Every aiohttp failure is translated here into the gateway's error tree, with messages that never name
+a backend address.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import orjson
+
+from gateway.asgi import Send
+from gateway.backends import Backend
+from gateway.errors import BadRequestError, GatewayError, UpstreamError
+
+__all__ = ["StreamOutcome", "Usage", "error_from_backend", "usage_from"]
+
+log = logging.getLogger("gateway.upstream")
+
+UPSTREAM_FAILED = "The backend failed to answer the request."
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class StreamOutcome:
+    usage: Usage = field(default_factory=Usage)
+    usage_seen: bool = False
+    content_chunks: int = 0
+    finish_reason: str | None = None
+    done: bool = False
+    failed: bool = False
+    first_chunk_at: float | None = None
+
+
+def usage_from(obj: object) -> Usage | None:
+    if not isinstance(obj, dict):
+        return None
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+    cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
+    return Usage(
+        prompt_tokens=prompt if isinstance(prompt, int) else 0,
+        completion_tokens=completion if isinstance(completion, int) else 0,
+        cached_tokens=cached if isinstance(cached, int) else 0,
+    )
+
+
+def error_from_backend(status: int, data: bytes) -> GatewayError:
+    """A backend's error answer as a gateway error: 4xx keep their message, 5xx become a generic 502."""
+    if status >= 500 or status < 400:
+        return UpstreamError(f"{UPSTREAM_FAILED} (backend status {status})")
+    message = "The backend rejected the request."
+    param: str | None = None
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        obj = None
+    if isinstance(obj, dict):
+        err = obj.get("error", obj)
+        if isinstance(err, dict):
+            if isinstance(err.get("message"), str):
+                message = err["message"][:2000]
+            if isinstance(err.get("param"), str):
+                param = err["param"]
+    error = BadRequestError(message, param=param)
+    if status != 400:
+        error.status = status if status in (404, 413, 422) else 400
+    return error
+
+
+class Relay:
+    """Relays one backend SSE stream to the client, event by event, metering as it goes.
+
+    Events are forwarded as soon as they are complete (several that arrive in one read go out in one
+    send). The usage chunk that the gateway asked for is parsed, and dropped unless the client asked too.
+    """
+
+    def __init__(
+        self, send: Send, *, client_wants_usage: bool, model_from: bytes | None, model_to: bytes | None
+    ) -> None:
+        self._send = send
+        self._wants_usage = client_wants_usage
+        self._model_from = model_from
+        self._model_to = model_to
+        self.outcome = StreamOutcome()
+
+    async def run(self, resp: aiohttp.ClientResponse, clock: float) -> None:
+        buffer = b""
+        outcome = self.outcome
+        try:
+            async for chunk in resp.content.iter_any():
+                buffer += chunk
+                if b"\n\n" not in buffer:
+                    continue
+                *events, buffer = buffer.split(b"\n\n")
+                out = []
+                for event in events:
+                    forwarded = self._event(event)
+                    if forwarded is not None:
+                        out.append(forwarded)
+                if out:
+                    if outcome.first_chunk_at is None:
+                        outcome.first_chunk_at = time.perf_counter() - clock
+                    await self._send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.warning("backend stream failed mid-way: %s", type(exc).__name__)
+            outcome.failed = True
+        if not outcome.done:
+            outcome.failed = True
+            error = UpstreamError("The backend stream ended unexpectedly; the answer is incomplete.")
+            await self._send(
+                {"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n", "more_body": True}
+            )
+        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _event(self, event: bytes) -> bytes | None:
+        event = event.strip(b"\r\n")
+        if not event:
+            return None
+        if event == b"data: [DONE]":
+            self.outcome.done = True
+            return b"data: [DONE]\n\n"
+        if b'"usage":{' in event or b'"usage": {' in event:
+            payload = event[6:] if event.startswith(b"data: ") else event
+            try:
+                obj = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                obj = None
+            usage = usage_from(obj)
+            if usage is not None:
+                self.outcome.usage = usage
+                self.outcome.usage_seen = True
+                if isinstance(obj, dict) and obj.get("choices") == [] and not self._wants_usage:
+                    return None
+        else:
+            self.outcome.content_chunks += 1
+            if b'"finish_reason":"' in event:
+                self.outcome.finish_reason = _finish_reason(event)
+        if self._model_from is not None and self._model_to is not None:
+            event = event.replace(self._model_from, self._model_to, 1)
+        return event + b"\n\n"
+
+
+def _finish_reason(event: bytes) -> str | None:
+    start = event.find(b'"finish_reason":"') + len(b'"finish_reason":"')
+    end = event.find(b'"', start)
+    return event[start:end].decode(errors="replace")[:40] if end > start else None
+
+
+def backend_headers(backend: Backend, request_id: str, api_key: str | None) -> dict[str, str]:
+    headers = {"content-type": "application/json", "x-request-id": request_id}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    return headers

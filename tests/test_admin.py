@@ -1,0 +1,103 @@
+"""The admin API's first shapes (SPEC section 7): tenants and keys over HTTP, as an operator provisions them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.support.gateway import GatewayProc, start_gateway
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
+    proc = start_gateway({}, tmp_path_factory.mktemp("gw-admin"))
+    yield proc
+    proc.stop()
+
+
+def admin(gw: GatewayProc) -> dict[str, str]:
+    return {"Authorization": f"Bearer {gw.admin_key}"}
+
+
+def test_spec_shapes(gw: GatewayProc) -> None:
+    body = {
+        "id": "acme", "weight": 2, "models": ["*"],
+        "limits": {"rpm": 600, "tpm": 100000, "max_concurrency": 8},
+        "budget": {"amount": 50, "period": "day"}, "cache_scope": "tenant",
+    }
+    resp = httpx.post(gw.url + "/admin/tenants", json=body, headers=admin(gw))
+    assert resp.status_code == 201, resp.text
+    tenant = resp.json()
+    assert tenant["id"] == "acme" and tenant["weight"] == 2 and tenant["limits"]["rpm"] == 600
+    assert resp.headers["x-request-id"]
+
+    assert httpx.post(gw.url + "/admin/tenants", json=body, headers=admin(gw)).status_code == 409
+
+    resp = httpx.post(gw.url + "/admin/tenants/acme/keys", json={"name": "ci"}, headers=admin(gw))
+    assert resp.status_code == 201
+    created = resp.json()
+    assert created["key"].startswith("sk-gw-") and created["id"]
+    secret = created["key"]
+
+    listed = httpx.get(gw.url + "/admin/tenants/acme/keys", headers=admin(gw))
+    assert listed.status_code == 200 and secret not in listed.text
+    assert [k["id"] for k in listed.json()] == [created["id"]]
+    one = httpx.get(gw.url + f"/admin/keys/{created['id']}", headers=admin(gw))
+    assert one.status_code == 200 and "key" not in one.json() and secret not in one.text
+
+    # The new key works at once on the client API.
+    models = httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {secret}"})
+    assert models.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"id": "Bad Id"}, "id"),
+        ({"id": "ok1", "weight": 0}, "weight"),
+        ({"id": "ok2", "limits": {"rpm": -5}}, "limits.rpm"),
+        ({"id": "ok3", "cache_scope": "everyone"}, "cache_scope"),
+        ({"id": "ok4", "budget": {"amount": 1, "period": "year"}}, "budget.period"),
+        ({"id": "ok5", "unknown": 1}, "unknown"),
+    ],
+)
+def test_422_names_the_field(gw: GatewayProc, body: dict[str, object], param: str) -> None:
+    resp = httpx.post(gw.url + "/admin/tenants", json=body, headers=admin(gw))
+    assert resp.status_code == 422, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+
+
+def test_auth(gw: GatewayProc) -> None:
+    assert httpx.get(gw.url + "/admin/tenants").status_code == 401
+    assert httpx.get(gw.url + "/admin/tenants", headers={"Authorization": "Bearer nope"}).status_code == 401
+    httpx.post(gw.url + "/admin/tenants", json={"id": "keyed"}, headers=admin(gw))
+    key = httpx.post(gw.url + "/admin/tenants/keyed/keys", json={}, headers=admin(gw)).json()["key"]
+    resp = httpx.get(gw.url + "/admin/tenants", headers={"Authorization": f"Bearer {key}"})
+    assert resp.status_code == 403
+
+
+def test_404_and_pagination(gw: GatewayProc) -> None:
+    assert httpx.get(gw.url + "/admin/tenants/ghost", headers=admin(gw)).status_code == 404
+    assert httpx.post(gw.url + "/admin/tenants/ghost/keys", json={}, headers=admin(gw)).status_code == 404
+    for i in range(5):
+        httpx.post(gw.url + "/admin/tenants", json={"id": f"page-{i}"}, headers=admin(gw))
+    seen: list[str] = []
+    after = None
+    while True:
+        params = {"limit": "2", **({"after": after} if after else {})}
+        page = httpx.get(gw.url + "/admin/tenants", params=params, headers=admin(gw)).json()
+        seen += [t["id"] for t in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["next_after"]
+    assert [s for s in seen if s.startswith("page-")] == [f"page-{i}" for i in range(5)]
+    assert len(seen) == len(set(seen))
+
+
+def test_openapi_describes_admin(gw: GatewayProc) -> None:
+    doc = httpx.get(gw.url + "/openapi.json").json()
+    assert "/admin/tenants" in doc["paths"] and "/admin/tenants/{tenant_id}/keys" in doc["paths"]

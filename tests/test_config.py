@@ -1,0 +1,101 @@
+"""Settings: YAML shape, GATEWAY_* overrides, secrets only from the environment, errors that name the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_settings
+
+GOOD = """
+listen: {host: 0.0.0.0, port: 8080}
+redis_url: null
+state_path: .gateway/state.db
+limits: {max_body_bytes: 4194304, max_tokens_cap: 32768}
+backends:
+  - {name: vllm-a, kind: vllm, url: "http://127.0.0.1:8000", capacity: 64}
+models:
+  - name: llama-8b
+    backends: [vllm-a]
+    upstream_model: meta-llama/Llama-3.1-8B-Instruct
+    price: {input_per_1k: 0.0002, output_per_1k: 0.0006, currency: USD}
+tenants:
+  - id: acme
+    weight: 2
+    models: ["llama-*"]
+    limits: {rpm: 600, tpm: 100000, max_concurrency: 8, max_queue_wait_ms: 30000}
+    budget: {amount: 100, period: month}
+    cache_scope: tenant
+    keys: [{name: ci, key_env: ACME_CI_KEY}]
+billing:
+  sinks: [{kind: jsonl, path: .gateway/billing.jsonl}]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_spec_example_loads(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, GOOD), env={"ACME_CI_KEY": "sk-gw-x", "GATEWAY_ADMIN_KEY": "adm"})
+    assert settings.listen.port == 8080
+    assert settings.models[0].upstream_name == "meta-llama/Llama-3.1-8B-Instruct"
+    assert settings.tenants[0].limits.rpm == 600
+    assert settings.admin_key == "adm"
+    assert settings.env_secrets == {"ACME_CI_KEY": "sk-gw-x"}
+    assert "adm" not in repr(settings) and "sk-gw-x" not in repr(settings)
+
+
+def test_env_overrides_nested_values(tmp_path: Path) -> None:
+    env = {
+        "ACME_CI_KEY": "k",
+        "GATEWAY_LISTEN__PORT": "9999",
+        "GATEWAY_REDIS_URL": "redis://127.0.0.1:6390/0",
+        "GATEWAY_LIMITS__MAX_TOKENS_CAP": "128",
+    }
+    settings = load_settings(write(tmp_path, GOOD), env=env)
+    assert settings.listen.port == 9999
+    assert settings.redis_url == "redis://127.0.0.1:6390/0"
+    assert settings.limits.max_tokens_cap == 128
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (GOOD.replace("kind: vllm", "kind: vlm"), "backends[0].kind"),
+        (GOOD.replace("port: 8080", "port: eighty"), "listen.port"),
+        (GOOD.replace("backends: [vllm-a]", "backends: [nope]"), "models[0].backends"),
+        (GOOD.replace("weight: 2", "weight: -1"), "tenants[0].weight"),
+        (GOOD.replace("cache_scope: tenant", "cache_scope: everyone"), "tenants[0].cache_scope"),
+        (GOOD.replace("max_tokens_cap: 32768", "max_tokens_cap: 32768, typo: 1"), "limits.typo"),
+        (GOOD + "admin_key: hunter2\n", "admin_key"),
+    ],
+)
+def test_errors_name_the_field(tmp_path: Path, text: str, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text), env={"ACME_CI_KEY": "k"})
+    assert str(info.value).startswith(field), str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+def test_missing_key_env_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"tenants\[0\]\.keys\[0\]\.key_env: environment variable ACME_CI_KEY"):
+        load_settings(write(tmp_path, GOOD), env={})
+
+
+def test_serve_exits_nonzero_naming_the_field(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("kind: vllm", "kind: vlm"))
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"ACME_CI_KEY": "k", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert "backends[0].kind" in result.stderr
