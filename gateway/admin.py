@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -139,10 +139,10 @@ def create_admin_app(ctx: AdminContext) -> FastAPI:
             raise AuthenticationError("Incorrect admin key provided.") from None
         raise PermissionDeniedError("A tenant's virtual key cannot use the admin API.", code="admin_only")
 
-    Admin = Annotated[str, Depends(require_admin)]
+    router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
-    @app.post("/admin/tenants", status_code=201, response_model=Tenant, tags=["tenants"])
-    async def create_tenant(body: TenantIn, _: Admin) -> Tenant:
+    @router.post("/tenants", status_code=201, response_model=Tenant, tags=["tenants"])
+    async def create_tenant(body: TenantIn) -> Tenant:
         try:
             tenant = Tenant(**body.model_dump())
         except ValueError as exc:  # cross-field rules of Tenant (cache_scope, user_field)
@@ -151,9 +151,8 @@ def create_admin_app(ctx: AdminContext) -> FastAPI:
         ctx.metrics.know_tenant(tenant.id)
         return tenant
 
-    @app.get("/admin/tenants", response_model=TenantPage, tags=["tenants"])
+    @router.get("/tenants", response_model=TenantPage, tags=["tenants"])
     async def list_tenants(
-        _: Admin,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         after: Annotated[str | None, Query(max_length=64)] = None,
     ) -> TenantPage:
@@ -162,12 +161,12 @@ def create_admin_app(ctx: AdminContext) -> FastAPI:
         rows = rows[:limit]
         return TenantPage(data=rows, has_more=more, next_after=rows[-1].id if more else None)
 
-    @app.get("/admin/tenants/{tenant_id}", response_model=Tenant, tags=["tenants"])
-    async def get_tenant(tenant_id: str, _: Admin) -> Tenant:
+    @router.get("/tenants/{tenant_id}", response_model=Tenant, tags=["tenants"])
+    async def get_tenant(tenant_id: str) -> Tenant:
         return await _tenant(ctx, tenant_id)
 
-    @app.post("/admin/tenants/{tenant_id}/keys", status_code=201, response_model=KeyCreated, tags=["keys"])
-    async def create_key(tenant_id: str, body: KeyIn, _: Admin) -> dict[str, Any]:
+    @router.post("/tenants/{tenant_id}/keys", status_code=201, response_model=KeyCreated, tags=["keys"])
+    async def create_key(tenant_id: str, body: KeyIn) -> dict[str, Any]:
         await _tenant(ctx, tenant_id)
         secret = generate_key()
         record = KeyRecord(
@@ -185,18 +184,19 @@ def create_admin_app(ctx: AdminContext) -> FastAPI:
         ctx.authenticator.invalidate(record.secret_hash)
         return {**_key_out(record), "key": secret}
 
-    @app.get("/admin/tenants/{tenant_id}/keys", response_model=list[KeyOut], tags=["keys"])
-    async def list_keys(tenant_id: str, _: Admin) -> list[dict[str, Any]]:
+    @router.get("/tenants/{tenant_id}/keys", response_model=list[KeyOut], tags=["keys"])
+    async def list_keys(tenant_id: str) -> list[dict[str, Any]]:
         await _tenant(ctx, tenant_id)
         return [_key_out(k) for k in await ctx.store.list_keys(tenant_id)]
 
-    @app.get("/admin/keys/{key_id}", response_model=KeyOut, tags=["keys"])
-    async def get_key(key_id: str, _: Admin) -> dict[str, Any]:
+    @router.get("/keys/{key_id}", response_model=KeyOut, tags=["keys"])
+    async def get_key(key_id: str) -> dict[str, Any]:
         record = await ctx.store.get_key(key_id)
         if record is None:
             raise NotFoundError(f"No key {key_id!r}.", code="not_found")
         return _key_out(record)
 
+    app.include_router(router)
     return app
 
 

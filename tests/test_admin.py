@@ -23,9 +23,12 @@ def admin(gw: GatewayProc) -> dict[str, str]:
 
 def test_spec_shapes(gw: GatewayProc) -> None:
     body = {
-        "id": "acme", "weight": 2, "models": ["*"],
+        "id": "acme",
+        "weight": 2,
+        "models": ["*"],
         "limits": {"rpm": 600, "tpm": 100000, "max_concurrency": 8},
-        "budget": {"amount": 50, "period": "day"}, "cache_scope": "tenant",
+        "budget": {"amount": 50, "period": "day"},
+        "cache_scope": "tenant",
     }
     resp = httpx.post(gw.url + "/admin/tenants", json=body, headers=admin(gw))
     assert resp.status_code == 201, resp.text

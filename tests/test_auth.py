@@ -25,8 +25,12 @@ def test_key_shape() -> None:
 async def make(store: SqliteStore, **fields: object) -> str:
     secret = generate_key()
     record = KeyRecord(
-        id="key_" + secret[-8:], tenant_id="t1", secret_hash=hash_key(secret), prefix=secret[:10],
-        created_at=time.time(), **fields,  # type: ignore[arg-type]
+        id="key_" + secret[-8:],
+        tenant_id="t1",
+        secret_hash=hash_key(secret),
+        prefix=secret[:10],
+        created_at=time.time(),
+        **fields,  # type: ignore[arg-type]
     )
     await store.create_key(record)
     return secret

@@ -109,8 +109,11 @@ def test_stream_response_has_request_id(client: openai.OpenAI) -> None:
 def test_completions_stream_and_not(client: openai.OpenAI) -> None:
     done = client.completions.create(model="chat-model", prompt="once upon a time", max_tokens=3)
     assert done.choices[0].text and done.usage is not None
-    text = "".join(c.choices[0].text for c in client.completions.create(
-        model="chat-model", prompt="once", max_tokens=3, stream=True) if c.choices)
+    text = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model="chat-model", prompt="once", max_tokens=3, stream=True)
+        if c.choices
+    )
     assert text.strip()
 
 
@@ -137,7 +140,9 @@ def test_models_only_lists_allowed(gw: GatewayProc) -> None:
 
 def test_unknown_fields_pass_through(client: openai.OpenAI, sim: SimHandle) -> None:
     client.chat.completions.create(
-        model="chat-model", messages=MESSAGES, max_tokens=1,
+        model="chat-model",
+        messages=MESSAGES,
+        max_tokens=1,
         extra_body={"top_k": 5, "repetition_penalty": 1.1, "guided_choice": ["a", "b"]},
     )
     forwarded = last_request(sim)
@@ -204,11 +209,12 @@ def test_404_unknown_model(client: openai.OpenAI) -> None:
         (b'{"model": "chat-model", "messages": [{"content": "x"}]}', "messages[0].role"),
         (b'{"model": "chat-model", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
         (b'{"model": "chat-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}', "max_tokens"),
-        (b'{"model": "chat-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1001}',
-         "max_tokens"),
+        (b'{"model": "chat-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1001}', "max_tokens"),
         (b'{"model": "chat-model", "messages": [{"role": "user", "content": "x"}], "cache_salt": 5}', "cache_salt"),
-        (b'{"model": "chat-model", "messages": [{"role": "user", "content": "x"}], "stream_options": 1}',
-         "stream_options"),
+        (
+            b'{"model": "chat-model", "messages": [{"role": "user", "content": "x"}], "stream_options": 1}',
+            "stream_options",
+        ),
     ],
 )
 def test_400_names_the_field(gw: GatewayProc, key: str, content: bytes, param: str | None) -> None:
@@ -288,8 +294,9 @@ def test_client_request_id_is_kept_if_sane(gw: GatewayProc) -> None:
 def test_client_disconnect_cancels_upstream(gw: GatewayProc, key: str, sim: SimHandle) -> None:
     before = sim.stats()["cancelled"]
     body = {"model": "chat-model", "messages": MESSAGES, "max_tokens": 500, "stream": True}
-    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {key}"}) as resp:
+    with httpx.stream(
+        "POST", gw.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as resp:
         lines = resp.iter_lines()
         for _ in range(6):
             next(lines)

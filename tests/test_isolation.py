@@ -47,7 +47,12 @@ def config(sim_url: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
     handle = start_sim(
-        "--ttft-ms", "1", "--itl-ms", "0", "--prefill-us-per-token", "100",
+        "--ttft-ms",
+        "1",
+        "--itl-ms",
+        "0",
+        "--prefill-us-per-token",
+        "100",
         log_dir=tmp_path_factory.mktemp("sim-iso"),
     )
     yield handle
@@ -180,8 +185,9 @@ def test_timing_audit_detects_same_tenant_hits_only(gw: GatewayProc, keys: dict[
 
 @pytest.fixture(scope="module")
 def old_vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
-    handle = start_sim("--ttft-ms", "0", "--itl-ms", "0", "--ignore-cache-salt",
-                       log_dir=tmp_path_factory.mktemp("sim-old"))
+    handle = start_sim(
+        "--ttft-ms", "0", "--itl-ms", "0", "--ignore-cache-salt", log_dir=tmp_path_factory.mktemp("sim-old")
+    )
     yield handle
     handle.stop()
 

@@ -57,9 +57,7 @@ class Proc:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
         env = {**os.environ, **self.env}
-        self.popen = subprocess.Popen(
-            list(self.args), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT)
-        )
+        self.popen = subprocess.Popen(list(self.args), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
         log.close()
         return self
 
