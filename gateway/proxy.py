@@ -212,6 +212,7 @@ class InferenceHandler:
             raise UpstreamError(UPSTREAM_FAILED) from None
         self._metrics.upstream_latency.labels(backend.name).observe(time.perf_counter() - started)
         usage = Usage()
+        finish_reason: str | None = None
         if status >= 400:
             if status >= 500:
                 self._metrics.upstream_errors.labels(backend.name, f"http_{status}").inc()
@@ -223,7 +224,9 @@ class InferenceHandler:
             if swap_from is not None and swap_to is not None:
                 data = data.replace(swap_from, swap_to, 1)
             with contextlib.suppress(orjson.JSONDecodeError):
-                usage = usage_from(orjson.loads(data)) or Usage()
+                parsed = orjson.loads(data)
+                usage = usage_from(parsed) or Usage()
+                finish_reason = _first_finish_reason(parsed)
             await send_response(send, status, data, [(b"x-request-id", request_id.encode())])
         return Outcome(
             request_id=request_id,
@@ -235,7 +238,7 @@ class InferenceHandler:
             status=status,
             usage=usage,
             partial=False,
-            finish_reason=None,
+            finish_reason=finish_reason,
             duration_s=time.perf_counter() - started,
             ttft_s=None,
         )
@@ -389,6 +392,15 @@ class InferenceHandler:
                 },
             },
         )
+
+
+def _first_finish_reason(obj: object) -> str | None:
+    if isinstance(obj, dict):
+        choices = obj.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            reason = choices[0].get("finish_reason")
+            return reason if isinstance(reason, str) else None
+    return None
 
 
 def _model_object(model: ModelConfig) -> dict[str, object]:
