@@ -21,6 +21,8 @@ class SimHandle:
     def __init__(self, proc: Proc, port: int) -> None:
         self.proc = proc
         self.port = port
+        # One pooled client: a new httpx client per call costs tens of milliseconds (TLS context).
+        self.http = httpx.Client(base_url=self.url, timeout=10)
 
     @property
     def url(self) -> str:
@@ -54,8 +56,15 @@ class SimHandle:
             plan["paths"] = paths
         return self._call("POST", "/sim/faults", plan)
 
+    def post(self, path: str, body: Any, timeout: float = 10) -> httpx.Response:
+        """POST a JSON body to the simulator, whatever the answer."""
+        return self.http.post(path, json=body, timeout=timeout)
+
+    def get(self, path: str, timeout: float = 10) -> httpx.Response:
+        return self.http.get(path, timeout=timeout)
+
     def metrics(self) -> str:
-        response = httpx.get(self.url + "/metrics", timeout=5)
+        response = self.http.get("/metrics")
         response.raise_for_status()
         return response.text
 
@@ -67,16 +76,18 @@ class SimHandle:
         raise KeyError(name)
 
     def stop(self) -> int | None:
+        self.http.close()
         return self.proc.stop()
 
     def kill(self) -> None:
+        self.http.close()
         self.proc.kill()
 
     def output(self) -> str:
         return self.proc.output()
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        response = httpx.request(method, self.url + path, json=body, timeout=5)
+        response = self.http.request(method, path, json=body)
         response.raise_for_status()
         result: dict[str, Any] = response.json()
         return result
