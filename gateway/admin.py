@@ -1,29 +1,41 @@
 """The admin REST API (SPEC section 7), a FastAPI app mounted under `/admin`.
 
 Authenticated with the admin key; a tenant's virtual key gets 403, anything else 401. Errors use the same
-OpenAI-shaped body as the client API; validation errors are 422 and `param` names the field.
+OpenAI-shaped body as the client API; validation errors are 422 and `param` names the field. Every change
+is written to the audit log. Objects declared in the config file are config-managed: the API shows them
+(`config_managed: true`) and refuses to change them with 409 `config_managed`, so the file stays the one
+source of truth for them (GitOps); reads, key creation under them and usage still work.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.auth import Authenticator, bearer_token
 from gateway.config import Settings
-from gateway.errors import AuthenticationError, GatewayError, NotFoundError, PermissionDeniedError
+from gateway.errors import (
+    AuthenticationError,
+    ConflictError,
+    GatewayError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnprocessableError,
+)
 from gateway.keys import generate_key, hash_key, hashes_equal, new_key_id
 from gateway.metrics import Metrics
 from gateway.store import Store
-from gateway.tenancy import TENANT_ID, Budget, KeyRecord, Quotas, Tenant
+from gateway.tenancy import TENANT_ID, AuditEntry, Budget, KeyRecord, Quotas, Tenant
 
 __all__ = ["AdminContext", "create_admin_app"]
+
+_Managed = TypeVar("_Managed", Tenant, KeyRecord)
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,22 @@ class TenantIn(BaseModel):
     user_field: str = "passthrough"
 
 
+class TenantPatch(BaseModel):
+    """Partial update: only the fields present change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, max_length=200)
+    weight: float | None = Field(default=None, gt=0, le=1_000_000)
+    priority: int | None = Field(default=None, ge=-100, le=100)
+    models: list[str] | None = None
+    limits: Quotas | None = None
+    budget: Budget | None = None
+    cache_scope: str | None = None
+    allow_client_salt: bool | None = None
+    user_field: str | None = None
+
+
 class KeyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -56,6 +84,22 @@ class KeyIn(BaseModel):
     models: list[str] | None = None
     limits: Quotas = Quotas()
     expires_at: float | None = Field(default=None, description="Unix time after which the key stops working.")
+
+
+class KeyPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, max_length=200)
+    models: list[str] | None = None
+    limits: Quotas | None = None
+    expires_at: float | None = None
+    disabled: bool | None = None
+
+
+class RotateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grace_period_s: float = Field(default=3600, ge=0, le=30 * 86400, description="How long the old key keeps working.")
 
 
 class KeyOut(BaseModel):
@@ -83,6 +127,13 @@ class TenantPage(BaseModel):
     next_after: str | None
 
 
+class AuditPage(BaseModel):
+    object: str = "list"
+    data: list[AuditEntry]
+    has_more: bool
+    next_after: int | None
+
+
 def _key_out(record: KeyRecord) -> dict[str, Any]:
     out = record.model_dump(exclude={"secret_hash"})
     out["models"] = list(record.models) if record.models is not None else None
@@ -97,12 +148,19 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "body"
 
 
+def _as_422(exc: ValidationError) -> GatewayError:
+    first = exc.errors()[0]
+    where = _loc(tuple(first["loc"]))
+    return UnprocessableError(f"{where}: {first['msg'].removeprefix('Value error, ')}", param=where)
+
+
 def create_admin_app(ctx: AdminContext) -> FastAPI:
     app = FastAPI(
         title="Gateway admin API",
         version="1",
         description="Tenants, virtual keys, usage and audit. Authenticate with `Authorization: Bearer <admin key>`.",
     )
+    store = ctx.store
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> Response:
@@ -114,15 +172,8 @@ def create_admin_app(ctx: AdminContext) -> FastAPI:
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         param = _loc(tuple(first.get("loc", ())))
         message = "; ".join(f"{_loc(tuple(e.get('loc', ())))}: {e.get('msg')}" for e in errors[:10])
-        body = {
-            "error": {
-                "message": message,
-                "type": "invalid_request_error",
-                "param": param,
-                "code": "validation_error",
-            }
-        }
-        return JSONResponse(body, status_code=422)
+        error = {"message": message, "type": "invalid_request_error", "param": param, "code": "validation_error"}
+        return JSONResponse({"error": error}, status_code=422)
 
     async def require_admin(request: Request) -> str:
         token = bearer_token(request.headers.get("authorization", "").encode("latin-1", "replace"))
@@ -141,14 +192,22 @@ def create_admin_app(ctx: AdminContext) -> FastAPI:
 
     router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
+    async def audit(action: str, target: str, **details: object) -> None:
+        await store.append_audit(
+            AuditEntry(time=time.time(), actor="admin", action=action, target=target, details=details)
+        )
+
+    # --- tenants ----------------------------------------------------------------------------------
+
     @router.post("/tenants", status_code=201, response_model=Tenant, tags=["tenants"])
     async def create_tenant(body: TenantIn) -> Tenant:
         try:
             tenant = Tenant(**body.model_dump())
-        except ValueError as exc:  # cross-field rules of Tenant (cache_scope, user_field)
+        except ValidationError as exc:
             raise _as_422(exc) from None
-        await ctx.store.create_tenant(tenant)
+        await store.create_tenant(tenant)
         ctx.metrics.know_tenant(tenant.id)
+        await audit("tenant.create", f"tenant:{tenant.id}", fields=body.model_dump(exclude={"id"}))
         return tenant
 
     @router.get("/tenants", response_model=TenantPage, tags=["tenants"])
@@ -156,63 +215,146 @@ def create_admin_app(ctx: AdminContext) -> FastAPI:
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         after: Annotated[str | None, Query(max_length=64)] = None,
     ) -> TenantPage:
-        rows = await ctx.store.list_tenants(after=after, limit=limit + 1)
+        rows = await store.list_tenants(after=after, limit=limit + 1)
         more = len(rows) > limit
         rows = rows[:limit]
         return TenantPage(data=rows, has_more=more, next_after=rows[-1].id if more else None)
 
     @router.get("/tenants/{tenant_id}", response_model=Tenant, tags=["tenants"])
     async def get_tenant(tenant_id: str) -> Tenant:
-        return await _tenant(ctx, tenant_id)
+        return await _tenant(store, tenant_id)
 
-    @router.post("/tenants/{tenant_id}/keys", status_code=201, response_model=KeyCreated, tags=["keys"])
-    async def create_key(tenant_id: str, body: KeyIn) -> dict[str, Any]:
-        await _tenant(ctx, tenant_id)
+    @router.patch("/tenants/{tenant_id}", response_model=Tenant, tags=["tenants"])
+    async def update_tenant(tenant_id: str, body: TenantPatch) -> Tenant:
+        tenant = _unmanaged(await _tenant(store, tenant_id), f"tenant {tenant_id!r}")
+        changes = body.model_dump(exclude_unset=True)
+        try:
+            updated = Tenant(**{**tenant.model_dump(), **changes})
+        except ValidationError as exc:
+            raise _as_422(exc) from None
+        await store.put_tenant(updated)
+        ctx.authenticator.invalidate()  # cached principals carry the old policy
+        await audit("tenant.update", f"tenant:{tenant_id}", changes=changes)
+        return updated
+
+    @router.delete("/tenants/{tenant_id}", status_code=204, tags=["tenants"])
+    async def delete_tenant(tenant_id: str) -> Response:
+        _unmanaged(await _tenant(store, tenant_id), f"tenant {tenant_id!r}")
+        await store.delete_tenant(tenant_id)
+        ctx.authenticator.invalidate()
+        await audit("tenant.delete", f"tenant:{tenant_id}")
+        return Response(status_code=204)
+
+    # --- keys -------------------------------------------------------------------------------------
+
+    async def issue_key(
+        tenant_id: str,
+        name: str | None,
+        models: list[str] | tuple[str, ...] | None,
+        limits: Quotas,
+        expires_at: float | None,
+    ) -> tuple[KeyRecord, str]:
         secret = generate_key()
         record = KeyRecord(
             id=new_key_id(),
             tenant_id=tenant_id,
-            name=body.name,
+            name=name,
             secret_hash=hash_key(secret),
             prefix=secret[:10],
             created_at=time.time(),
-            expires_at=body.expires_at,
-            models=tuple(body.models) if body.models is not None else None,
-            limits=body.limits,
+            expires_at=expires_at,
+            models=tuple(models) if models is not None else None,
+            limits=limits,
         )
-        await ctx.store.create_key(record)
+        await store.create_key(record)
         ctx.authenticator.invalidate(record.secret_hash)
+        return record, secret
+
+    @router.post("/tenants/{tenant_id}/keys", status_code=201, response_model=KeyCreated, tags=["keys"])
+    async def create_key(tenant_id: str, body: KeyIn) -> dict[str, Any]:
+        await _tenant(store, tenant_id)
+        record, secret = await issue_key(tenant_id, body.name, body.models, body.limits, body.expires_at)
+        await audit("key.create", f"key:{record.id}", tenant=tenant_id, prefix=record.prefix, name=body.name)
         return {**_key_out(record), "key": secret}
 
     @router.get("/tenants/{tenant_id}/keys", response_model=list[KeyOut], tags=["keys"])
     async def list_keys(tenant_id: str) -> list[dict[str, Any]]:
-        await _tenant(ctx, tenant_id)
-        return [_key_out(k) for k in await ctx.store.list_keys(tenant_id)]
+        await _tenant(store, tenant_id)
+        return [_key_out(k) for k in await store.list_keys(tenant_id)]
 
     @router.get("/keys/{key_id}", response_model=KeyOut, tags=["keys"])
     async def get_key(key_id: str) -> dict[str, Any]:
-        record = await ctx.store.get_key(key_id)
-        if record is None:
-            raise NotFoundError(f"No key {key_id!r}.", code="not_found")
-        return _key_out(record)
+        return _key_out(await _key(store, key_id))
+
+    @router.patch("/keys/{key_id}", response_model=KeyOut, tags=["keys"])
+    async def update_key(key_id: str, body: KeyPatch) -> dict[str, Any]:
+        record = _unmanaged(await _key(store, key_id), f"key {key_id!r}")
+        changes = body.model_dump(exclude_unset=True)
+        if changes.get("models") is not None:
+            changes["models"] = tuple(changes["models"])
+        updated = record.model_copy(update=changes)
+        await store.put_key(updated)
+        ctx.authenticator.invalidate(record.secret_hash)
+        await audit("key.update", f"key:{key_id}", changes=body.model_dump(exclude_unset=True))
+        return _key_out(updated)
+
+    @router.post("/keys/{key_id}/revoke", response_model=KeyOut, tags=["keys"])
+    async def revoke_key(key_id: str) -> dict[str, Any]:
+        record = _unmanaged(await _key(store, key_id), f"key {key_id!r}")
+        updated = record.model_copy(update={"revoked": True})
+        await store.put_key(updated)
+        ctx.authenticator.invalidate(record.secret_hash)
+        await audit("key.revoke", f"key:{key_id}", tenant=record.tenant_id)
+        return _key_out(updated)
+
+    @router.post("/keys/{key_id}/rotate", status_code=201, response_model=KeyCreated, tags=["keys"])
+    async def rotate_key(key_id: str, body: RotateIn | None = None) -> dict[str, Any]:
+        old = _unmanaged(await _key(store, key_id), f"key {key_id!r}")
+        if old.revoked:
+            raise ConflictError(f"key {key_id!r} is revoked; create a new key instead", code="revoked")
+        grace = (body or RotateIn()).grace_period_s
+        new, secret = await issue_key(old.tenant_id, old.name, old.models, old.limits, old.expires_at)
+        ends = time.time() + grace
+        if old.expires_at is None or old.expires_at > ends:
+            await store.put_key(old.model_copy(update={"expires_at": ends}))
+        ctx.authenticator.invalidate(old.secret_hash)
+        await audit("key.rotate", f"key:{key_id}", new_key=new.id, prefix=new.prefix, grace_period_s=grace)
+        return {**_key_out(new), "key": secret}
+
+    # --- audit ------------------------------------------------------------------------------------
+
+    @router.get("/audit", response_model=AuditPage, tags=["audit"])
+    async def list_audit(
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        after: Annotated[int, Query(ge=0)] = 0,
+    ) -> AuditPage:
+        rows = await store.list_audit(after=after, limit=limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return AuditPage(data=rows, has_more=more, next_after=rows[-1].seq if more else None)
 
     app.include_router(router)
     return app
 
 
-async def _tenant(ctx: AdminContext, tenant_id: str) -> Tenant:
-    tenant = await ctx.store.get_tenant(tenant_id)
+async def _tenant(store: Store, tenant_id: str) -> Tenant:
+    tenant = await store.get_tenant(tenant_id)
     if tenant is None:
         raise NotFoundError(f"No tenant {tenant_id!r}.", code="not_found")
     return tenant
 
 
-def _as_422(exc: ValueError) -> GatewayError:
-    from pydantic import ValidationError
+async def _key(store: Store, key_id: str) -> KeyRecord:
+    record = await store.get_key(key_id)
+    if record is None:
+        raise NotFoundError(f"No key {key_id!r}.", code="not_found")
+    return record
 
-    from gateway.errors import UnprocessableError
 
-    if isinstance(exc, ValidationError):
-        first = exc.errors()[0]
-        return UnprocessableError(f"{_loc(tuple(first['loc']))}: {first['msg']}", param=_loc(tuple(first["loc"])))
-    return UnprocessableError(str(exc))
+def _unmanaged(obj: _Managed, what: str) -> _Managed:
+    if obj.config_managed:
+        raise ConflictError(
+            f"{what} is declared in the config file (config-managed); change it there and reload.",
+            code="config_managed",
+        )
+    return obj

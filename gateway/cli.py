@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     serve.set_defaults(func=_serve)
 
-    from gateway.sim import cli as sim_cli
+    import gateway.sim.cli as sim_cli
 
     sim = sub.add_parser("sim", help="run the built-in vLLM simulator")
     sim_cli.add_arguments(sim)

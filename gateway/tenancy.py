@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "AuditEntry",
     "Budget",
     "KeyRecord",
     "Principal",
@@ -93,6 +94,17 @@ class KeyRecord(_Frozen):
     models: tuple[str, ...] | None = None
     limits: Quotas = Quotas()
     config_managed: bool = False
+
+
+class AuditEntry(_Frozen):
+    """One admin change: who, what, when. `details` never holds a secret (key prefixes and ids only)."""
+
+    seq: int = 0
+    time: float
+    actor: str
+    action: str
+    target: str
+    details: dict[str, object] = Field(default_factory=dict)
 
 
 def model_allowed(patterns: tuple[str, ...], model: str) -> bool:

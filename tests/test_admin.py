@@ -104,3 +104,76 @@ def test_404_and_pagination(gw: GatewayProc) -> None:
 def test_openapi_describes_admin(gw: GatewayProc) -> None:
     doc = httpx.get(gw.url + "/openapi.json").json()
     assert "/admin/tenants" in doc["paths"] and "/admin/tenants/{tenant_id}/keys" in doc["paths"]
+
+
+def test_update_delete_revoke_rotate_and_audit(gw: GatewayProc) -> None:
+    h = admin(gw)
+    assert httpx.post(gw.url + "/admin/tenants", json={"id": "lifecycle", "weight": 1}, headers=h).status_code == 201
+    patched = httpx.patch(gw.url + "/admin/tenants/lifecycle", json={"weight": 3, "limits": {"rpm": 5}}, headers=h)
+    assert patched.status_code == 200 and patched.json()["weight"] == 3 and patched.json()["limits"]["rpm"] == 5
+    assert patched.json()["cache_scope"] == "tenant"  # untouched fields stay
+    bad = httpx.patch(gw.url + "/admin/tenants/lifecycle", json={"cache_scope": "nope"}, headers=h)
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "cache_scope"
+
+    created = httpx.post(gw.url + "/admin/tenants/lifecycle/keys", json={"name": "a"}, headers=h).json()
+    key_id, secret = created["id"], created["key"]
+
+    def works(s: str) -> bool:
+        return httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {s}"}).status_code == 200
+
+    assert works(secret)
+    # Rotation: the new key works, the old one keeps working for the grace period.
+    rotated = httpx.post(gw.url + f"/admin/keys/{key_id}/rotate", json={"grace_period_s": 3600}, headers=h)
+    assert rotated.status_code == 201
+    new_id, new_secret = rotated.json()["id"], rotated.json()["key"]
+    assert works(new_secret) and works(secret)
+    # Zero grace: the old one stops at once.
+    again = httpx.post(gw.url + f"/admin/keys/{new_id}/rotate", json={"grace_period_s": 0}, headers=h).json()
+    assert not works(new_secret) and works(again["key"])
+
+    # Disable, enable, revoke: each takes effect on the next request (same replica).
+    assert httpx.patch(gw.url + f"/admin/keys/{again['id']}", json={"disabled": True}, headers=h).status_code == 200
+    assert not works(again["key"])
+    assert httpx.patch(gw.url + f"/admin/keys/{again['id']}", json={"disabled": False}, headers=h).status_code == 200
+    assert works(again["key"])
+    revoked = httpx.post(gw.url + f"/admin/keys/{again['id']}/revoke", headers=h)
+    assert revoked.status_code == 200 and revoked.json()["revoked"] is True
+    assert not works(again["key"])
+
+    assert httpx.delete(gw.url + "/admin/tenants/lifecycle", headers=h).status_code == 204
+    assert httpx.get(gw.url + "/admin/tenants/lifecycle", headers=h).status_code == 404
+    assert httpx.get(gw.url + f"/admin/keys/{key_id}", headers=h).status_code == 404
+    assert not works(secret)
+
+    log = httpx.get(gw.url + "/admin/audit", params={"limit": 1000}, headers=h)
+    assert log.status_code == 200
+    actions = [(e["action"], e["target"]) for e in log.json()["data"]]
+    for expected in [
+        ("tenant.create", "tenant:lifecycle"),
+        ("tenant.update", "tenant:lifecycle"),
+        ("key.rotate", f"key:{key_id}"),
+        ("key.revoke", f"key:{again['id']}"),
+        ("tenant.delete", "tenant:lifecycle"),
+    ]:
+        assert expected in actions
+    for s in (secret, new_secret, again["key"], gw.admin_key):
+        assert s not in log.text
+
+
+def test_config_managed_objects_are_refused(tmp_path_factory: pytest.TempPathFactory) -> None:
+    key = "sk-gw-" + "M" * 43
+    config = {"tenants": [{"id": "declared", "keys": [{"name": "ci", "key_env": "DECLARED_KEY"}]}]}
+    proc = start_gateway(config, tmp_path_factory.mktemp("gw-managed"), env={"DECLARED_KEY": key})
+    try:
+        h = admin(proc)
+        tenant = httpx.get(proc.url + "/admin/tenants/declared", headers=h).json()
+        assert tenant["config_managed"] is True
+        resp = httpx.patch(proc.url + "/admin/tenants/declared", json={"weight": 5}, headers=h)
+        assert resp.status_code == 409 and resp.json()["error"]["code"] == "config_managed"
+        assert httpx.delete(proc.url + "/admin/tenants/declared", headers=h).status_code == 409
+        keys = httpx.get(proc.url + "/admin/tenants/declared/keys", headers=h).json()
+        assert keys[0]["config_managed"] is True
+        assert httpx.post(proc.url + f"/admin/keys/{keys[0]['id']}/revoke", headers=h).status_code == 409
+        assert httpx.get(proc.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    finally:
+        proc.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from gateway.tenancy import KeyRecord, Tenant
+from gateway.tenancy import AuditEntry, KeyRecord, Tenant
 
 __all__ = ["Store"]
 
@@ -32,6 +32,11 @@ class Store(Protocol):
     async def get_key_by_hash(self, secret_hash: str) -> KeyRecord | None: ...
 
     async def list_keys(self, tenant_id: str) -> list[KeyRecord]: ...
+
+    async def append_audit(self, entry: AuditEntry) -> None: ...
+
+    async def list_audit(self, *, after: int = 0, limit: int = 100) -> list[AuditEntry]:
+        """Entries with a sequence number above `after`, oldest first."""
 
     async def get_or_set_meta(self, name: str, value: str) -> str:
         """Return the stored value of `name`, storing `value` first if there is none (atomically)."""

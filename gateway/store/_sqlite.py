@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 from gateway.errors import ConflictError
-from gateway.tenancy import KeyRecord, Tenant
+from gateway.tenancy import AuditEntry, KeyRecord, Tenant
 
 __all__ = ["SqliteStore"]
 
@@ -24,6 +24,7 @@ CREATE TABLE IF NOT EXISTS keys (
 );
 CREATE INDEX IF NOT EXISTS keys_by_tenant ON keys (tenant_id);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, doc TEXT NOT NULL);
 """
 
 
@@ -94,6 +95,15 @@ class SqliteStore:
     async def list_keys(self, tenant_id: str) -> list[KeyRecord]:
         rows = self._db.execute("SELECT doc FROM keys WHERE tenant_id = ? ORDER BY id", (tenant_id,)).fetchall()
         return [KeyRecord.model_validate_json(r[0]) for r in rows]
+
+    async def append_audit(self, entry: AuditEntry) -> None:
+        self._db.execute("INSERT INTO audit (doc) VALUES (?)", (entry.model_dump_json(exclude={"seq"}),))
+
+    async def list_audit(self, *, after: int = 0, limit: int = 100) -> list[AuditEntry]:
+        rows = self._db.execute(
+            "SELECT seq, doc FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+        ).fetchall()
+        return [AuditEntry.model_validate_json(doc).model_copy(update={"seq": seq}) for seq, doc in rows]
 
     async def get_or_set_meta(self, name: str, value: str) -> str:
         self._db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)", (name, value))
