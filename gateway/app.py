@@ -12,9 +12,14 @@ import contextlib
 import logging
 import os
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.admin import AdminContext, create_admin_app
 from gateway.asgi import Message, Receive, Scope, Send, header, send_response
@@ -24,10 +29,11 @@ from gateway.billing import Billing
 from gateway.config import Settings
 from gateway.errors import GatewayError, NotFoundError
 from gateway.metrics import Metrics
+from gateway.propagation import ChangeListener
 from gateway.proxy import InferenceHandler
 from gateway.salt import SaltDeriver
 from gateway.state import load_salt_secret, reconcile_config
-from gateway.store import SqliteStore, Store
+from gateway.store import RedisStore, SqliteStore, Store
 
 __all__ = ["GatewayApp", "create_app"]
 
@@ -54,6 +60,7 @@ class _Running:
     admin: object
     billing: Billing
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
 class GatewayApp:
@@ -92,7 +99,22 @@ class GatewayApp:
 
     async def startup(self) -> None:
         settings = self.settings
-        store: Store = SqliteStore(settings.state_path)
+        redis_client = None
+        store: Store
+        if settings.redis_url:
+            redis_client = aioredis.Redis.from_url(
+                settings.redis_url,
+                socket_timeout=settings.redis_timeout_s,
+                socket_connect_timeout=settings.redis_timeout_s,
+                health_check_interval=10,
+                # A pooled connection that died with a Redis restart is replaced once, at once; a timeout
+                # is not retried, so no request waits on Redis longer than redis_timeout_s.
+                retry=Retry(NoBackoff(), 1),
+                retry_on_error=[RedisConnectionError],
+            )
+            store = RedisStore(redis_client)
+        else:
+            store = SqliteStore(settings.state_path)
         salt_secret = await load_salt_secret(settings, store)
         for tenant_id in await reconcile_config(settings, store):
             self.metrics.know_tenant(tenant_id)
@@ -103,7 +125,7 @@ class GatewayApp:
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
         )
-        authenticator = Authenticator(store)
+        authenticator = Authenticator(store, ttl_s=settings.auth_cache_ttl_s)
         backend_keys = {b.name: settings.env_secrets[b.api_key_env] for b in settings.backends if b.api_key_env}
         billing = Billing(settings)
         handler = InferenceHandler(
@@ -120,6 +142,14 @@ class GatewayApp:
         self._running = _Running(store, session, handler, authenticator, admin, billing)
         await self.backends.check_all(session)
         self._running.tasks.append(asyncio.create_task(self._health_loop(session)))
+        if redis_client is not None:
+            # Pub/sub needs a connection without the per-command timeout: it waits for messages.
+            listener_client = aioredis.Redis.from_url(
+                settings.redis_url or "", socket_connect_timeout=settings.redis_timeout_s
+            )
+            listener = ChangeListener(listener_client, authenticator)
+            self._running.tasks.append(asyncio.create_task(listener.run()))
+            self._running.closers.append(listener_client.aclose)
         self.ready = True
         log.info("gateway ready: %d backends, %d models", len(settings.backends), len(settings.models))
 
@@ -133,6 +163,8 @@ class GatewayApp:
         for task in running.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for close in running.closers:
+            await close()
         await running.session.close()
         running.billing.close()
         await running.store.close()

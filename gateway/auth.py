@@ -46,7 +46,7 @@ class Authenticator:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
-        self._ttl = ttl_s
+        self.ttl_s = ttl_s
         self._negative_ttl = negative_ttl_s
         self._max = max_entries
         self._clock = clock
@@ -68,7 +68,7 @@ class Authenticator:
             principal = await self._load(digest)
             if len(self._cache) >= self._max:
                 self._cache.clear()  # crude but bounded; a full cache refills from the store
-            ttl = self._ttl if principal is not None else self._negative_ttl
+            ttl = self.ttl_s if principal is not None else self._negative_ttl
             self._cache[digest] = (principal, now + ttl)
         if principal is None or not hashes_equal(principal.key.secret_hash, digest):
             raise AuthenticationError(_INVALID)

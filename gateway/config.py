@@ -121,6 +121,10 @@ class Settings(_Frozen):
     tenants: tuple[TenantConfig, ...] = ()
     billing: BillingConfig = BillingConfig()
     health_interval_s: float = Field(default=10.0, gt=0)
+    # No request waits on Redis longer than this (connect and each command).
+    redis_timeout_s: float = Field(default=0.25, gt=0, le=30)
+    # How long a replica trusts a cached key without asking the store (changes are also pushed).
+    auth_cache_ttl_s: float = Field(default=5.0, gt=0, le=300)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Secrets: only ever from the environment (see load_settings); excluded from repr.
     admin_key: str | None = Field(default=None, repr=False)
