@@ -123,6 +123,10 @@ class Settings(_Frozen):
     health_interval_s: float = Field(default=10.0, gt=0)
     # No request waits on Redis longer than this (connect and each command).
     redis_timeout_s: float = Field(default=0.25, gt=0, le=30)
+    # Graceful shutdown: readyz is 503 for drain_s before the listener closes; in-flight requests then get
+    # up to grace_s to finish.
+    shutdown_drain_s: float = Field(default=2.0, ge=0, le=600)
+    shutdown_grace_s: float = Field(default=60.0, ge=0, le=3600)
     # How long a replica trusts a cached key without asking the store (changes are also pushed).
     auth_cache_ttl_s: float = Field(default=5.0, gt=0, le=300)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

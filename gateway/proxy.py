@@ -23,7 +23,13 @@ from gateway.auth import Authenticator
 from gateway.backends import Backend, BackendPool
 from gateway.billing import Billing
 from gateway.config import ModelConfig, Settings
-from gateway.errors import GatewayError, NotFoundError, PermissionDeniedError, UpstreamError
+from gateway.errors import (
+    GatewayError,
+    NotFoundError,
+    PermissionDeniedError,
+    ServiceUnavailableError,
+    UpstreamError,
+)
 from gateway.metrics import Metrics
 from gateway.requests import ParsedRequest, parse_request
 from gateway.salt import SaltDeriver
@@ -292,7 +298,23 @@ class InferenceHandler:
 
         task = asyncio.ensure_future(forward())
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # The server is shutting down past its grace period: end the stream with an error event rather
+            # than a silent cut, and bill what was generated.
+            watcher.cancel()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if started_response:
+                error = ServiceUnavailableError("The gateway is shutting down; the answer is incomplete.")
+                with contextlib.suppress(Exception):
+                    await send({"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n"})
+            self._record(
+                self._stream_outcome(request_id, principal, model, backend, request, 503, relay, started, partial=True)
+            )
+            raise
         client_gone = task not in done
         if client_gone:
             # The client went away: cancelling closes the upstream connection, which stops generation.

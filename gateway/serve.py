@@ -1,10 +1,19 @@
-"""Running the gateway under uvicorn: one worker in-process, or N workers via an app factory."""
+"""Running the gateway under uvicorn: one worker in-process, or N workers via an app factory.
+
+Graceful shutdown (SIGTERM or SIGINT): `/readyz` turns 503 at once, the listener stays open for
+`shutdown_drain_s` so load balancers see it, then closes; in-flight requests (streams included) run to
+completion for up to `shutdown_grace_s`, after which remaining streams end with an SSE error event and are
+billed as partial; the lifespan flushes billing; the process exits 0.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import time
+from types import FrameType
 
 import uvicorn
 from uvicorn.supervisors import Multiprocess
@@ -12,7 +21,9 @@ from uvicorn.supervisors import Multiprocess
 from gateway.app import GatewayApp, create_app
 from gateway.config import Settings, load_settings
 
-__all__ = ["configure_logging", "run", "worker_app"]
+__all__ = ["GracefulServer", "configure_logging", "run", "worker_app"]
+
+log = logging.getLogger("gateway")
 
 
 def configure_logging(level: str) -> None:
@@ -34,11 +45,39 @@ def uvicorn_config(app: object, settings: Settings, host: str, port: int, worker
         lifespan="on",
         access_log=False,
         log_level="warning",
-        # Streams can be long; the gateway itself decides when a request is over.
         timeout_keep_alive=30,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # a float works
         factory=workers > 1,
     )
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, with a drain period between the signal and closing the listener."""
+
+    def __init__(self, config: uvicorn.Config, app: GatewayApp, drain_s: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._drain_s = drain_s
+        self._exit_at: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._exit_at is None and sig in (signal.SIGTERM, signal.SIGINT):
+            log.info("signal %s: draining (readyz 503), closing the listener in %.1fs", sig, self._drain_s)
+            self._app.draining = True
+            self._exit_at = time.monotonic() + self._drain_s
+            self._captured_signals.append(sig)
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._exit_at is not None and time.monotonic() >= self._exit_at:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def _exit_zero(sig: int, frame: FrameType | None) -> None:
+    # uvicorn re-raises the signal it handled once it has shut down; a clean shutdown exits 0.
+    raise SystemExit(0)
 
 
 def run(settings: Settings, config_path: str | None, host: str, port: int, workers: int) -> int:
@@ -50,14 +89,17 @@ def run(settings: Settings, config_path: str | None, host: str, port: int, worke
         os.environ["GATEWAY_LISTEN__HOST"] = host
         os.environ["GATEWAY_LISTEN__PORT"] = str(port)
         config = uvicorn_config("gateway.serve:worker_app", settings, host, port, workers)
-    else:
-        config = uvicorn_config(create_app(settings), settings, host, port)
-    server = uvicorn.Server(config)
-    if workers > 1:
         sock = config.bind_socket()
         Multiprocess(config, sockets=[sock]).run()
         return 0
-    server.run()
+    app = create_app(settings)
+    server = GracefulServer(uvicorn_config(app, settings, host, port), app, settings.shutdown_drain_s)
+    signal.signal(signal.SIGTERM, _exit_zero)
+    signal.signal(signal.SIGINT, _exit_zero)
+    try:
+        server.run()
+    except SystemExit as exc:
+        return int(exc.code or 0)
     return 0 if server.started else 1
 
 
