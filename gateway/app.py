@@ -12,6 +12,8 @@ import contextlib
 import logging
 import os
 import re
+import signal
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -26,7 +28,7 @@ from gateway.asgi import Message, Receive, Scope, Send, header, send_response
 from gateway.auth import Authenticator
 from gateway.backends import BackendPool
 from gateway.billing import Billing
-from gateway.config import Settings
+from gateway.config import ConfigError, Settings
 from gateway.errors import GatewayError, NotFoundError
 from gateway.metrics import Metrics
 from gateway.propagation import ChangeListener
@@ -59,6 +61,7 @@ class _Running:
     authenticator: Authenticator
     admin: object
     billing: Billing
+    salts: SaltDeriver
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -71,6 +74,9 @@ class GatewayApp:
         self.ready = False
         self.draining = False
         self._running: _Running | None = None
+        # Where SIGHUP re-reads the settings from (set by `gateway serve`; None: no hot reload).
+        self.reloader: Callable[[], Settings] | None = None
+        self._reloads: set[asyncio.Task[bool]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -126,20 +132,13 @@ class GatewayApp:
             skip_auto_headers=("User-Agent",),
         )
         authenticator = Authenticator(store, ttl_s=settings.auth_cache_ttl_s)
-        backend_keys = {b.name: settings.env_secrets[b.api_key_env] for b in settings.backends if b.api_key_env}
         billing = Billing(settings)
+        salts = SaltDeriver(salt_secret)
         handler = InferenceHandler(
-            settings,
-            authenticator,
-            self.backends,
-            session,
-            SaltDeriver(salt_secret),
-            self.metrics,
-            backend_keys,
-            billing,
+            settings, authenticator, self.backends, session, salts, self.metrics, _backend_keys(settings), billing
         )
         admin = create_admin_app(AdminContext(settings, store, authenticator, self.metrics))
-        self._running = _Running(store, session, handler, authenticator, admin, billing)
+        self._running = _Running(store, session, handler, authenticator, admin, billing, salts)
         await self.backends.check_all(session)
         self._running.tasks.append(asyncio.create_task(self._health_loop(session)))
         if redis_client is not None:
@@ -150,8 +149,58 @@ class GatewayApp:
             listener = ChangeListener(listener_client, authenticator)
             self._running.tasks.append(asyncio.create_task(listener.run()))
             self._running.closers.append(listener_client.aclose)
+        if self.reloader is not None and threading.current_thread() is threading.main_thread():
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
         self.ready = True
         log.info("gateway ready: %d backends, %d models", len(settings.backends), len(settings.models))
+
+    def _on_sighup(self) -> None:
+        task = asyncio.create_task(self.reload_from_source())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload_from_source(self) -> bool:
+        """Re-read the config (SIGHUP). An invalid config is refused and the running one stays in force."""
+        if self.reloader is None:
+            return False
+        try:
+            settings = self.reloader()
+        except ConfigError as exc:
+            log.error("config reload refused, the running configuration stays in force: %s", exc)
+            return False
+        await self.reload(settings)
+        return True
+
+    async def reload(self, settings: Settings) -> None:
+        """Swap in new backends, models and config-declared tenants without dropping a request.
+
+        In-flight requests keep the handler they started with; new ones get the new handler. The listener,
+        the stores, billing sinks and secrets are not reloaded (they need a restart; a warning says so).
+        """
+        running = self._running
+        if running is None:
+            raise RuntimeError("not started")
+        for field_name in ("listen", "redis_url", "state_path", "billing", "salt_secret", "admin_key"):
+            if getattr(settings, field_name) != getattr(self.settings, field_name):
+                log.warning("config reload: %s changed; it takes effect after a restart", field_name)
+        pool = BackendPool(settings, self.metrics, previous=self.backends)
+        await pool.check_all(running.session)
+        for tenant_id in await reconcile_config(settings, running.store):
+            self.metrics.know_tenant(tenant_id)
+        running.handler = InferenceHandler(
+            settings,
+            running.authenticator,
+            pool,
+            running.session,
+            running.salts,
+            self.metrics,
+            _backend_keys(settings),
+            running.billing,
+        )
+        self.backends = pool
+        self.settings = settings
+        running.authenticator.invalidate()
+        log.info("config reloaded: %d backends, %d models", len(settings.backends), len(settings.models))
 
     async def shutdown(self) -> None:
         self.ready = False
@@ -213,6 +262,10 @@ class GatewayApp:
         except Exception:
             log.exception("unhandled error on %s %s (request %s)", method, path[:200], request_id)
             await _send_error(send, GatewayError("The gateway failed to handle the request."), rid)
+
+
+def _backend_keys(settings: Settings) -> dict[str, str]:
+    return {b.name: settings.env_secrets[b.api_key_env] for b in settings.backends if b.api_key_env}
 
 
 def _with_header(send: Send, extra: tuple[bytes, bytes]) -> Send:

@@ -48,9 +48,15 @@ class Backend:
 
 
 class BackendPool:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, previous: BackendPool | None = None) -> None:
         self._metrics = metrics
         self.backends: dict[str, Backend] = {b.name: Backend(b) for b in settings.backends}
+        if previous is not None:
+            # A reload keeps what is known about unchanged backends (health, salt enforcement).
+            for name, backend in self.backends.items():
+                old = previous.backends.get(name)
+                if old is not None and old.config == backend.config:
+                    backend.healthy, backend.salt_enforced = old.healthy, old.salt_enforced
         for model in settings.models:
             for name in model.backends:
                 backend = self.backends[name]

@@ -93,6 +93,8 @@ def run(settings: Settings, config_path: str | None, host: str, port: int, worke
         Multiprocess(config, sockets=[sock]).run()
         return 0
     app = create_app(settings)
+    if config_path:
+        app.reloader = lambda: load_settings(config_path)
     server = GracefulServer(uvicorn_config(app, settings, host, port), app, settings.shutdown_drain_s)
     signal.signal(signal.SIGTERM, _exit_zero)
     signal.signal(signal.SIGINT, _exit_zero)
