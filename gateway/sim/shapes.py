@@ -1,0 +1,195 @@
+"""OpenAI's response objects, as plain dicts ready for orjson: completions, chunks, embeddings,
+responses, models. Field sets follow what vLLM's OpenAI server returns."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import struct
+from functools import lru_cache
+from typing import Any
+
+from gateway.sim.engine import Usage
+
+__all__ = [
+    "chat_chunk",
+    "chat_completion",
+    "completion",
+    "completion_chunk",
+    "embedding_vector",
+    "embeddings",
+    "model_card",
+    "output_text",
+    "response",
+    "token_text",
+    "usage",
+    "usage_chunk",
+]
+
+
+def token_text(i: int) -> str:
+    return f"tok{i}" if i == 0 else f" tok{i}"
+
+
+@lru_cache(maxsize=256)
+def output_text(n: int) -> str:
+    """The deterministic output of n tokens; it splits back into exactly n words."""
+    return "".join(token_text(i) for i in range(n))
+
+
+def usage(u: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
+
+
+def chat_completion(rid: str, created: int, model: str, u: Usage, finish_reason: str) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": output_text(u.completion_tokens), "tool_calls": []},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage(u),
+        "system_fingerprint": None,
+    }
+
+
+def completion(rid: str, created: int, model: str, u: Usage, finish_reason: str) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "text": output_text(u.completion_tokens),
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage(u),
+        "system_fingerprint": None,
+    }
+
+
+def chat_chunk(
+    rid: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None, with_usage: bool
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if with_usage:
+        # OpenAI sends "usage": null on every chunk but the last when include_usage is set.
+        chunk["usage"] = None
+    return chunk
+
+
+def completion_chunk(
+    rid: str, created: int, model: str, text: str, finish_reason: str | None, with_usage: bool
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if with_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(rid: str, created: int, model: str, obj: str, u: Usage) -> dict[str, Any]:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage(u)}
+
+
+def embedding_vector(text: str, dim: int) -> list[float]:
+    """A unit vector that depends only on the input text."""
+    raw = hashlib.shake_256(text.encode()).digest(2 * dim)
+    values = [v / 32767.5 - 1.0 for v in struct.unpack(f"<{dim}H", raw)]
+    norm = sum(v * v for v in values) ** 0.5 or 1.0
+    return [v / norm for v in values]
+
+
+def embeddings(
+    rid: str, created: int, model: str, vectors: list[list[float]], encoding: str, prompt_tokens: int
+) -> dict[str, Any]:
+    data: list[dict[str, Any]] = []
+    for i, vector in enumerate(vectors):
+        value: Any = vector
+        if encoding == "base64":
+            value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return {
+        "id": rid,
+        "object": "list",
+        "created": created,
+        "model": model,
+        "data": data,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+
+
+def response(rid: str, created: int, model: str, u: Usage, body: dict[str, Any]) -> dict[str, Any]:
+    """A Responses API object with one assistant message."""
+    return {
+        "id": rid,
+        "object": "response",
+        "created_at": created,
+        "status": "completed",
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "model": model,
+        "output": [
+            {
+                "type": "message",
+                "id": "msg_" + rid.removeprefix("resp_"),
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": output_text(u.completion_tokens), "annotations": []}],
+            }
+        ],
+        "parallel_tool_calls": True,
+        "temperature": body.get("temperature"),
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": body.get("top_p"),
+        "metadata": body.get("metadata") or {},
+        "usage": {
+            "input_tokens": u.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": u.cached_tokens},
+            "output_tokens": u.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+        },
+    }
+
+
+def model_card(model: str, created: int, max_model_len: int) -> dict[str, Any]:
+    return {
+        "id": model,
+        "object": "model",
+        "created": created,
+        "owned_by": "vllm",
+        "root": model,
+        "parent": None,
+        "max_model_len": max_model_len,
+    }
