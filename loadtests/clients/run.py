@@ -25,8 +25,14 @@ What it does:
 The machine has 2 cores and is shared, so absolute numbers move between runs; compare the ratios within
 one run. The server under test is pinned to one core and everything else (wrk, the upstream nginx, this
 script) to the other. Besides req/s and wrk's latency percentiles, each run records the server's CPU time
-per request (from /proc, less sensitive to noise than req/s) and, from nginx's stub_status, how many
-upstream connections the client's pool opened and held, which shows pool churn or serialisation.
+per request (from /proc) and hence its capacity (requests per CPU-second, what the worker serves with its
+core to itself, which other tenants' load barely moves: variants are ranked by it), the share of the
+server's core that other processes took (a run disturbed by more than 10% is repeated once, within a retry
+budget, keeping the quieter attempt), and, from nginx's stub_status, how many upstream connections the
+client's pool opened and held, which shows pool churn or serialisation.
+
+Options: ``--only VARIANT...``, shorter ``--duration``/``--low-duration``/``--warmup`` for a quick check,
+``--no-write`` to leave both files alone, ``--render-only`` to regenerate the Markdown from results.json.
 """
 
 from __future__ import annotations
@@ -252,13 +258,19 @@ def nginx(cpu: int | None) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
         conf = Path(tmp) / "nginx.conf"
         conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, body=UPSTREAM_BODY.decode()))
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
-        proc = subprocess.Popen(pinned([binary, "-p", tmp, "-c", str(conf)], cpu), stderr=subprocess.PIPE)
+        with (Path(tmp) / "stderr.log").open("wb") as stderr:
+            proc = subprocess.Popen(pinned([binary, "-p", tmp, "-c", str(conf)], cpu), stderr=stderr)
         try:
             wait_for_port(port, proc)
             got = http_post(f"http://127.0.0.1:{port}{PATH}", REQUEST_BODY)
             if got != (200, UPSTREAM_BODY):
                 raise RuntimeError(f"nginx answered {got!r}")
             yield port, proc
+        except BaseException:
+            for log in ("stderr.log", "error.log"):
+                with contextlib.suppress(OSError):
+                    sys.stderr.write((Path(tmp) / log).read_text()[-2000:])
+            raise
         finally:
             stop(proc)
 
@@ -558,7 +570,8 @@ def render(results: dict[str, Any]) -> str:
         "## How it was measured",
         "",
         f"Command, from the repository root: `{COMMAND}` "
-        f"(run {results['generated_at']}, took {results['elapsed_s']:.0f} s).",
+        f"(run {results['generated_at']}, took {results['elapsed_s']:.0f} s); `--render-only` rewrites this page "
+        "from results.json, `--help` lists the other options.",
         "",
         "Every variant is one uvicorn worker (`" + " ".join(UVICORN_FLAGS) + "`) that reads the POST body, "
         "parses and re-serialises it with orjson, forwards it to a fixed-response nginx upstream "
@@ -687,7 +700,7 @@ def conclusion(results: dict[str, Any]) -> str:
     best = best_variant(results)
     cap = capacity(best)
     others = sorted((t for t in variants if t is not best), key=lambda t: -capacity(t))
-    ratios = "; ".join(f"{cap / capacity(t):.1f}x {t['label']}" for t in others)
+    ratios = "; ".join(f"{cap / capacity(t):.1f}x {t['label']}" for t in others) or "the only variant measured"
     sentences = [
         f"The hot path should use **{best['label']}**: it spent {best['saturation']['server_cpu_us_per_req']:,.0f} "
         f"µs of CPU per forwarded request, a capacity of {cap:,.0f} req/s per worker core (wrk measured "
@@ -697,13 +710,22 @@ def conclusion(results: dict[str, Any]) -> str:
         f"({capacity(base):,.0f} req/s per core), so the Python forwarder, not the upstream, is the bottleneck in "
         "every variant.",
     ]
-    if {"fastapi-aiohttp", "asgi-aiohttp", "asgi-httpx"} <= by_name.keys():
-        r = {name: capacity(t) for name, t in by_name.items()}
+    r = {name: capacity(t) for name, t in by_name.items()}
+    pairs = [
+        client
+        for client in ("httpx", "httpx2")
+        if {f"fastapi-{client}", f"asgi-{client}", "fastapi-aiohttp", "asgi-aiohttp"} <= r.keys()
+    ]
+    if pairs:
         sentences.append(
             f"The two choices compound: with aiohttp fixed, dropping FastAPI for a bare ASGI callable is worth "
-            f"{r['asgi-aiohttp'] / r['fastapi-aiohttp']:.1f}x, and with bare ASGI fixed, aiohttp is worth "
-            f"{r['asgi-aiohttp'] / r['asgi-httpx']:.1f}x over httpx"
-            + (f" and {r['asgi-aiohttp'] / r['asgi-httpx2']:.1f}x over httpx2." if "asgi-httpx2" in r else ".")
+            f"{r['asgi-aiohttp'] / r['fastapi-aiohttp']:.1f}x, and with the server layer fixed, aiohttp is worth "
+            + " and ".join(
+                f"{r['fastapi-aiohttp'] / r[f'fastapi-{c}']:.1f}x (FastAPI) and "
+                f"{r['asgi-aiohttp'] / r[f'asgi-{c}']:.1f}x (bare ASGI) over {c}"
+                for c in pairs
+            )
+            + "."
         )
     a50, a99 = added(best, base, "p50_ms"), added(best, base, "p99_ms")
     cpu_ms = best["paced"]["server_cpu_us_per_req"] / 1000
@@ -721,8 +743,13 @@ def conclusion(results: dict[str, Any]) -> str:
         latency += (
             "over SPEC section 10's 0.5 ms / 2 ms budget for the whole gateway on this shared machine, though only "
             f"{cpu_ms:.2f} ms per request is CPU time in the forwarder (the rest is off its CPU: the extra "
-            f"loopback hop, waiting for a core); the lowest added p50 of any variant was {lowest['label']}'s "
-            f"{added(lowest, base, 'p50_ms'):.2f} ms."
+            "loopback hop, waiting for a core); "
+            + (
+                "no variant added less."
+                if lowest is best
+                else f"the lowest added p50 of any variant was {lowest['label']}'s "
+                f"{added(lowest, base, 'p50_ms'):.2f} ms."
+            )
         )
     sentences.append(latency)
     reaching = [t for t in variants if capacity(t) >= 4000]
@@ -777,6 +804,20 @@ def observations(results: dict[str, Any]) -> list[str]:
             + "; ".join(f"{label} {n}" for label, n in held.items())
             + "."
         )
+    for client in ("httpx", "httpx2"):
+        runs_of = [t for t in results["targets"] if t.get("client") == client and "upstream" in t["saturation"]]
+        if len(runs_of) >= 2:
+            few = min(runs_of, key=lambda t: t["saturation"]["upstream"]["connections_active_mid_run"])
+            many = max(runs_of, key=lambda t: t["saturation"]["upstream"]["connections_active_mid_run"])
+            n_few = few["saturation"]["upstream"]["connections_active_mid_run"]
+            n_many = many["saturation"]["upstream"]["connections_active_mid_run"]
+            if n_many >= 2 * max(n_few, 1):
+                notes.append(
+                    f"{client}'s cost depends on how far its pool has grown: {many['label']} held {n_many} upstream "
+                    f"connections and spent {many['saturation']['server_cpu_us_per_req']:,.0f} µs of CPU per request, "
+                    f"{few['label']} held {n_few} and spent {few['saturation']['server_cpu_us_per_req']:,.0f} µs, so "
+                    f"{client}'s figures move between runs with how many connections its pool happened to open."
+                )
     alone = results.get("clients_alone")
     if alone:
         top, low = CLIENT_CONCURRENCY[-1], CLIENT_CONCURRENCY[0]
@@ -805,9 +846,10 @@ def observations(results: dict[str, Any]) -> list[str]:
                 text += (
                     " So the pool does serialise under concurrency: httpcore 1.0 hands the same idle connection to "
                     "several queued requests, all but one get `ConnectionNotAvailable` and go back to the queue for "
-                    "another pass, and each pass (`_assign_requests_to_connections`, under the pool lock) costs "
-                    "O(connections x idle connections) for its keep-alive check plus O(queued requests x connections) "
-                    "for the assignment, so the cost per request grows with the number of pooled connections."
+                    "another pass, and each pass (`_assign_requests_to_connections`, synchronous, so it blocks the "
+                    "event loop) costs O(connections x idle connections) for its keep-alive check plus "
+                    "O(queued requests x connections) for the assignment: the cost per request grows with the number "
+                    "of pooled connections."
                 )
             notes.append(text)
     for t in results["targets"]:
@@ -831,7 +873,12 @@ def main() -> None:
     parser.add_argument("--client-seconds", type=float, default=Settings.client_seconds, help="client-alone runs")
     parser.add_argument("--skip-clients-alone", action="store_true", help="skip the client-only measurement")
     parser.add_argument("--no-write", action="store_true", help="print results, write neither file")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the Markdown from results.json, no load")
     args = parser.parse_args()
+    if args.render_only:
+        DOC.write_text(render(json.loads(RESULTS.read_text())))
+        print(f"wrote {DOC.relative_to(REPO)} from {RESULTS.relative_to(REPO)}")
+        return
 
     if not shutil.which("wrk") or not shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin"):
         sys.exit("needs wrk and nginx (apt-get install wrk nginx)")
