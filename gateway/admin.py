@@ -59,6 +59,7 @@ class TenantIn(BaseModel):
     cache_scope: str = "tenant"
     allow_client_salt: bool = False
     user_field: str = "passthrough"
+    on_limit: dict[str, str] = Field(default_factory=dict)
 
 
 class TenantPatch(BaseModel):
@@ -75,6 +76,7 @@ class TenantPatch(BaseModel):
     cache_scope: str | None = None
     allow_client_salt: bool | None = None
     user_field: str | None = None
+    on_limit: dict[str, str] | None = None
 
 
 class KeyIn(BaseModel):

@@ -24,12 +24,14 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.admin import AdminContext, create_admin_app
-from gateway.asgi import Message, Receive, Scope, Send, header, send_response
+from gateway.admission import Admission
+from gateway.asgi import ClientDisconnected, Message, Receive, Scope, Send, header, send_response
 from gateway.auth import Authenticator
 from gateway.backends import BackendPool
 from gateway.billing import Billing
 from gateway.config import ConfigError, Settings
 from gateway.errors import GatewayError, NotFoundError
+from gateway.limits import FailoverQuotaStore, LocalQuotaStore, QuotaStore, RedisQuotaStore, fast_fail_client
 from gateway.metrics import Metrics
 from gateway.propagation import ChangeListener
 from gateway.proxy import InferenceHandler
@@ -62,6 +64,7 @@ class _Running:
     admin: object
     billing: Billing
     salts: SaltDeriver
+    admission: Admission
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -134,11 +137,22 @@ class GatewayApp:
         authenticator = Authenticator(store, ttl_s=settings.auth_cache_ttl_s)
         billing = Billing(settings)
         salts = SaltDeriver(salt_secret)
+        quotas = self._quota_store(settings)
+        admission = Admission(settings, quotas, self.metrics, settings.workers)
         handler = InferenceHandler(
-            settings, authenticator, self.backends, session, salts, self.metrics, _backend_keys(settings), billing
+            settings,
+            authenticator,
+            self.backends,
+            session,
+            salts,
+            self.metrics,
+            _backend_keys(settings),
+            billing,
+            admission,
         )
         admin = create_admin_app(AdminContext(settings, store, authenticator, self.metrics))
-        self._running = _Running(store, session, handler, authenticator, admin, billing, salts)
+        self._running = _Running(store, session, handler, authenticator, admin, billing, salts, admission)
+        self._running.closers.append(quotas.close)
         await self.backends.check_all(session)
         self._running.tasks.append(asyncio.create_task(self._health_loop(session)))
         if redis_client is not None:
@@ -153,6 +167,26 @@ class GatewayApp:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
         self.ready = True
         log.info("gateway ready: %d backends, %d models", len(settings.backends), len(settings.models))
+
+    def _quota_store(self, settings: Settings) -> QuotaStore:
+        if not settings.redis_url:
+            return LocalQuotaStore()
+        metrics = self.metrics
+        mode = settings.redis_failure_mode
+
+        def on_change(degraded: bool) -> None:
+            metrics.redis_degraded.labels(mode).set(1 if degraded else 0)
+            if degraded:
+                metrics.redis_failures.labels("quotas").inc()
+                log.warning("Redis unreachable: rate limits now in failure mode %r (%s)", mode, _MODES[mode])
+            else:
+                log.info("Redis is back: rate limits are shared again")
+
+        metrics.redis_degraded.labels(mode).set(0)
+        client = fast_fail_client(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        return FailoverQuotaStore(
+            RedisQuotaStore(client), LocalQuotaStore(), mode=mode, replicas=settings.replicas, on_change=on_change
+        )
 
     def _on_sighup(self) -> None:
         task = asyncio.create_task(self.reload_from_source())
@@ -187,6 +221,7 @@ class GatewayApp:
         await pool.check_all(running.session)
         for tenant_id in await reconcile_config(settings, running.store):
             self.metrics.know_tenant(tenant_id)
+        running.admission.update_backends(settings, settings.workers)
         running.handler = InferenceHandler(
             settings,
             running.authenticator,
@@ -196,6 +231,7 @@ class GatewayApp:
             self.metrics,
             _backend_keys(settings),
             running.billing,
+            running.admission,
         )
         self.backends = pool
         self.settings = settings
@@ -259,9 +295,18 @@ class GatewayApp:
                 raise NotFoundError(f"Unknown path: {method} {path[:200]}", code="not_found")
         except GatewayError as exc:
             await _send_error(send, exc, rid)
+        except ClientDisconnected:
+            pass  # nobody to answer
         except Exception:
             log.exception("unhandled error on %s %s (request %s)", method, path[:200], request_id)
             await _send_error(send, GatewayError("The gateway failed to handle the request."), rid)
+
+
+_MODES = {
+    "local": "each replica enforces its share in-process",
+    "open": "requests are admitted without limits",
+    "closed": "requests are refused with 503",
+}
 
 
 def _backend_keys(settings: Settings) -> dict[str, str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from gateway.errors import AuthenticationError
+from gateway.errors import AuthenticationError, ServiceUnavailableError
 from gateway.keys import hash_key, hashes_equal, looks_like_key
 from gateway.store import Store
 from gateway.tenancy import Principal
@@ -65,12 +65,25 @@ class Authenticator:
         if hit is not None and hit[1] > now:
             principal = hit[0]
         else:
-            principal = await self._load(digest)
+            try:
+                principal = await self._load(digest)
+            except ServiceUnavailableError:
+                if hit is None or hit[0] is None:
+                    raise
+                # The store is down: a key seen before keeps working (revocations cannot propagate while
+                # it is down anyway). Ask the store again in a second, not on every request.
+                self._cache[digest] = (hit[0], now + 1.0)
+                return self._check(hit[0], digest)
             if len(self._cache) >= self._max:
                 self._cache.clear()  # crude but bounded; a full cache refills from the store
             ttl = self.ttl_s if principal is not None else self._negative_ttl
             self._cache[digest] = (principal, now + ttl)
-        if principal is None or not hashes_equal(principal.key.secret_hash, digest):
+        if principal is None:
+            raise AuthenticationError(_INVALID)
+        return self._check(principal, digest)
+
+    def _check(self, principal: Principal, digest: str) -> Principal:
+        if not hashes_equal(principal.key.secret_hash, digest):
             raise AuthenticationError(_INVALID)
         key = principal.key
         if key.revoked or key.disabled:

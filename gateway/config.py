@@ -45,6 +45,8 @@ class ListenConfig(_Frozen):
 class LimitsConfig(_Frozen):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_tokens_cap: int = Field(default=32768, ge=1)
+    # Completion tokens reserved (tpm, budget, fair queue) when a request does not set max_tokens.
+    default_max_tokens: int = Field(default=1024, ge=1)
     # Upstream timeouts: connecting, and waiting for the first byte / between bytes of a stream.
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=300.0, gt=0)
@@ -123,6 +125,14 @@ class Settings(_Frozen):
     health_interval_s: float = Field(default=10.0, gt=0)
     # No request waits on Redis longer than this (connect and each command).
     redis_timeout_s: float = Field(default=0.25, gt=0, le=30)
+    # When Redis is down: `local` (each replica enforces limit / replicas in-process), `open`, `closed` (503).
+    redis_failure_mode: Literal["local", "open", "closed"] = "local"
+    # How many replicas share the limits (for the `local` failure mode's share).
+    replicas: int = Field(default=1, ge=1, le=10_000)
+    # Worker processes of this replica (`gateway serve --workers N`); each gets capacity / workers.
+    workers: int = Field(default=1, ge=1, le=256)
+    # Concurrency leases expire after this unless renewed, so a crashed replica's slots come back.
+    lease_ttl_s: float = Field(default=30.0, gt=1, le=3600)
     # Graceful shutdown: readyz is 503 for drain_s before the listener closes; in-flight requests then get
     # up to grace_s to finish.
     shutdown_drain_s: float = Field(default=2.0, ge=0, le=600)

@@ -108,6 +108,8 @@ class RateLimitError(GatewayError):
     status = 429
     type = "requests"
     code = "rate_limit_exceeded"
+    # Which limit refused: rpm, tpm, concurrency, inflight_tokens, budget, queue_full, queue_timeout.
+    reason: str | None = None
 
 
 class QuotaExceededError(RateLimitError):

@@ -67,6 +67,37 @@ class Metrics:
             ["backend"],
             registry=r,
         )
+        self.rejections = Counter(
+            "gateway_rejections",
+            "Requests refused with 429, by tenant and reason "
+            "(rpm, tpm, concurrency, inflight_tokens, budget, queue_full, queue_timeout).",
+            ["tenant", "reason"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "gateway_queue_wait_seconds",
+            "Time spent in the fair queue for backend capacity.",
+            ["tenant", "model"],
+            buckets=(0.001, *_LATENCY_BUCKETS),
+            registry=r,
+        )
+        self.queued = Gauge("gateway_queued_requests", "Requests waiting in the fair queue.", ["tenant"], registry=r)
+        self.inflight = Gauge("gateway_inflight_requests", "Requests at a backend now.", ["tenant"], registry=r)
+        self.spend = Counter(
+            "gateway_spend", "Spend from model prices, by tenant and currency.", ["tenant", "currency"], registry=r
+        )
+        self.tenant_weight = Gauge(
+            "gateway_tenant_weight", "Configured fair-share weight of the tenant.", ["tenant"], registry=r
+        )
+        self.redis_failures = Counter(
+            "gateway_redis_failures", "Failed Redis calls, by component.", ["component"], registry=r
+        )
+        self.redis_degraded = Gauge(
+            "gateway_redis_degraded",
+            "1 while Redis is unreachable and the failure mode (label) is in force.",
+            ["mode"],
+            registry=r,
+        )
         self.isolation_rejections = Counter(
             "gateway_isolation_rejections",
             "Requests refused because no backend for the model enforces prefix-cache isolation.",

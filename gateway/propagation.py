@@ -2,8 +2,8 @@
 
 The auth cache is the only copy of tenant and key state a replica keeps. A change published by any
 replica's store (`gateway.store.RedisStore`) clears the matching entries here within milliseconds. If the
-subscription is lost, the cache is cleared and its TTL shortened until the listener is back, so a missed
-message costs at most `degraded_ttl_s` of staleness.
+subscription is lost, the cache's TTL is shortened until the listener is back (and the cache is cleared when
+it is), so a missed message costs at most `degraded_ttl_s` of staleness while the store answers.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class ChangeListener:
                         self._degraded_ttl,
                     )
                 self.connected.clear()
-                self._auth.invalidate()
+                # Keep the cache (it serves keys while the store is down) but re-check entries often.
                 self._auth.ttl_s = self._degraded_ttl
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
-from gateway.asgi import Receive, Scope, Send, header, read_body, send_response
+from gateway.admission import Admission, Admitted
+from gateway.asgi import ClientDisconnected, Receive, Scope, Send, header, read_body, send_response
 from gateway.auth import Authenticator
 from gateway.backends import Backend, BackendPool
 from gateway.billing import Billing
@@ -27,6 +28,7 @@ from gateway.errors import (
     GatewayError,
     NotFoundError,
     PermissionDeniedError,
+    RateLimitError,
     ServiceUnavailableError,
     UpstreamError,
 )
@@ -53,6 +55,8 @@ _PATHS = {
     "embeddings": "/v1/embeddings",
     "responses": "/v1/responses",
 }
+# Which `on_limit` entry of a tenant answers a refusal for each reason.
+_POLICY_KEY = {"queue_full": "queue", "queue_timeout": "queue"}
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),
     (b"cache-control", b"no-cache"),
@@ -76,6 +80,7 @@ class Outcome:
     finish_reason: str | None
     duration_s: float
     ttft_s: float | None
+    downgraded_from: str | None = None
 
 
 class InferenceHandler:
@@ -89,8 +94,10 @@ class InferenceHandler:
         metrics: Metrics,
         backend_keys: Mapping[str, str],
         billing: Billing,
+        admission: Admission,
     ) -> None:
         self._billing = billing
+        self._admission = admission
         self._limits = settings.limits
         self._models: dict[str, ModelConfig] = {m.name: m for m in settings.models}
         self._auth = authenticator
@@ -113,15 +120,88 @@ class InferenceHandler:
         model = self._authorise(principal, request.model)
         cache_scope = principal.cache_scope()
         tenant_label = self._metrics.tenant_label(principal.tenant_id)
-        backend = self._backends.choose(model, cache_scope is not None, tenant_label)
-        payload = self._rewrite(request, principal, model, backend, cache_scope)
-        if request.stream:
-            outcome = await self._stream(
-                scope, receive, send, request, principal, model, backend, payload, request_id, started
+        prompt_estimate, output_estimate = self._admission.estimate(len(raw), request.max_tokens)
+        downgraded_from: str | None = None
+        while True:
+            try:
+                admitted, backend = await self._admit(
+                    principal, model, prompt_estimate, output_estimate, cache_scope, tenant_label, receive
+                )
+                break
+            except RateLimitError as exc:
+                target = None if downgraded_from else self._downgrade_target(principal, exc.reason)
+                if target is None:
+                    raise
+                log.info("downgrading %s request from %s to %s (%s)", tenant_label, model.name, target.name, exc.reason)
+                downgraded_from, model = model.name, target
+        headers = [(b"x-request-id", request_id.encode()), *admitted.headers]
+        if downgraded_from is not None:
+            headers.append((b"x-gateway-downgraded-from", downgraded_from.encode()))
+        outcome: Outcome | None = None
+        self._metrics.inflight.labels(tenant_label).inc()
+        try:
+            payload = self._rewrite(request, principal, model, backend, cache_scope)
+            if request.stream:
+                outcome = await self._stream(
+                    scope, receive, send, request, principal, model, backend, payload, request_id, started, headers
+                )
+            else:
+                outcome = await self._unary(
+                    send, request, principal, model, backend, payload, request_id, started, headers
+                )
+            outcome.downgraded_from = downgraded_from
+            self._record(outcome)
+        finally:
+            self._metrics.inflight.labels(tenant_label).dec()
+            usage = outcome.usage if outcome is not None else Usage()
+            cost, _ = self._billing.cost(model.name, usage.prompt_tokens, usage.completion_tokens)
+            await self._admission.finish(admitted, usage.prompt_tokens, usage.completion_tokens, cost)
+
+    async def _admit(
+        self,
+        principal: Principal,
+        model: ModelConfig,
+        prompt_estimate: int,
+        output_estimate: int,
+        cache_scope: str | None,
+        tenant_label: str,
+        receive: Receive,
+    ) -> tuple[Admitted, Backend]:
+        """Quotas, then a backend, then a slot of its capacity; everything taken is given back on failure."""
+        worst, _ = self._billing.cost(model.name, prompt_estimate, output_estimate)
+        admitted = await self._admission.admit(principal, model, prompt_estimate, output_estimate, worst)
+        try:
+            backend = self._backends.choose(model, cache_scope is not None, tenant_label)
+            if self._admission.has_free_slot(backend.name):
+                await self._admission.queue(admitted, principal, backend.name, model.name)
+            else:
+                # Wait in the fair queue, but leave it at once if the client goes away.
+                waiting = asyncio.ensure_future(self._admission.queue(admitted, principal, backend.name, model.name))
+                watcher = asyncio.ensure_future(_wait_disconnect(receive))
+                done, _ = await asyncio.wait({waiting, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if waiting not in done:
+                    waiting.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await waiting
+                    raise ClientDisconnected
+                watcher.cancel()
+                waiting.result()
+        except BaseException:
+            await self._admission.finish(admitted, 0, 0, 0.0)
+            raise
+        return admitted, backend
+
+    def _downgrade_target(self, principal: Principal, reason: str | None) -> ModelConfig | None:
+        policy = principal.tenant.on_limit.get(_POLICY_KEY.get(reason or "", reason or ""), "reject")
+        if not policy.startswith("downgrade:"):
+            return None
+        target = self._models.get(policy.removeprefix("downgrade:"))
+        if target is None or not principal.may_use(target.name):
+            log.warning(
+                "tenant %s: on_limit names model %r, which is unknown or not allowed", principal.tenant_id, policy
             )
-        else:
-            outcome = await self._unary(send, request, principal, model, backend, payload, request_id, started)
-        self._record(outcome)
+            return None
+        return target
 
     async def models(self, scope: Scope, send: Send, path: str, request_id: str) -> None:
         """`GET /v1/models` (only what the caller may use) and `GET /v1/models/{id}`."""
@@ -190,6 +270,7 @@ class InferenceHandler:
         payload: bytes,
         request_id: str,
         started: float,
+        response_headers: list[tuple[bytes, bytes]],
     ) -> Outcome:
         url = backend.base_url + _PATHS[request.endpoint]
         headers = backend_headers(backend, request_id, self._backend_keys.get(backend.name))
@@ -223,7 +304,7 @@ class InferenceHandler:
             if status >= 500:
                 self._metrics.upstream_errors.labels(backend.name, f"http_{status}").inc()
             error = error_from_backend(status, data)
-            await send_response(send, error.status, error.body(), [(b"x-request-id", request_id.encode())])
+            await send_response(send, error.status, error.body(), response_headers)
             status = error.status
         else:
             swap_from, swap_to = self._model_swap(model)
@@ -233,7 +314,7 @@ class InferenceHandler:
                 parsed = orjson.loads(data)
                 usage = usage_from(parsed) or Usage()
                 finish_reason = _first_finish_reason(parsed)
-            await send_response(send, status, data, [(b"x-request-id", request_id.encode())])
+            await send_response(send, status, data, response_headers)
         return Outcome(
             request_id=request_id,
             principal=principal,
@@ -261,6 +342,7 @@ class InferenceHandler:
         payload: bytes,
         request_id: str,
         started: float,
+        response_headers: list[tuple[bytes, bytes]],
     ) -> Outcome:
         url = backend.base_url + _PATHS[request.endpoint]
         headers = backend_headers(backend, request_id, self._backend_keys.get(backend.name))
@@ -288,7 +370,7 @@ class InferenceHandler:
                     {
                         "type": "http.response.start",
                         "status": 200,
-                        "headers": [*_SSE_HEADERS, (b"x-request-id", request_id.encode())],
+                        "headers": [*_SSE_HEADERS, *response_headers],
                     }
                 )
                 started_response = True
@@ -390,6 +472,8 @@ class InferenceHandler:
         if usage.cached_tokens:
             m.tokens.labels(tenant, outcome.model, "cached").inc(usage.cached_tokens)
         cost, currency = self._billing.cost(outcome.model, usage.prompt_tokens, usage.completion_tokens)
+        if cost:
+            m.spend.labels(tenant, currency).inc(cost)
         self._billing.emit(
             outcome.request_id,
             outcome.principal.tenant_id,
@@ -408,6 +492,7 @@ class InferenceHandler:
                 "finish_reason": outcome.finish_reason,
                 "stream": outcome.stream,
                 "partial": outcome.partial,
+                "downgraded_from": outcome.downgraded_from,
                 "timings": {
                     "duration_ms": round(outcome.duration_s * 1000, 3),
                     "ttft_ms": None if outcome.ttft_s is None else round(outcome.ttft_s * 1000, 3),

@@ -25,6 +25,7 @@ __all__ = [
 
 _SCOPE = re.compile(r"^(tenant|global|key|group:[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$")
 TENANT_ID = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_LIMITS = {"rpm", "tpm", "concurrency", "inflight_tokens", "budget", "queue"}
 
 
 class _Frozen(BaseModel):
@@ -61,7 +62,20 @@ class Tenant(_Frozen):
     allow_client_salt: bool = False
     # What happens to the OpenAI `user` field: forwarded, replaced by the tenant id, or removed.
     user_field: Literal["passthrough", "tenant", "strip"] = "passthrough"
+    # Per limit, what a refusal does: "reject" (429, the default) or "downgrade:<model>" (serve a smaller
+    # model instead). Keys: rpm, tpm, concurrency, inflight_tokens, budget, queue.
+    on_limit: dict[str, str] = Field(default_factory=dict)
     config_managed: bool = False
+
+    @field_validator("on_limit")
+    @classmethod
+    def _on_limit(cls, value: dict[str, str]) -> dict[str, str]:
+        for limit, action in value.items():
+            if limit not in _LIMITS:
+                raise ValueError(f"unknown limit {limit!r}; one of {', '.join(sorted(_LIMITS))}")
+            if action != "reject" and not (action.startswith("downgrade:") and len(action) > len("downgrade:")):
+                raise ValueError(f"{limit}: must be 'reject' or 'downgrade:<model>'")
+        return value
 
     @field_validator("cache_scope")
     @classmethod

@@ -24,7 +24,7 @@ from tests.support.sim import SimHandle, start_sim
 from tests.support.stats import ks_less
 
 SALT_SECRET = "test-salt-secret-0123456789abcdef"  # what tests.support.gateway passes
-WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november".split()
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
 
 
 def expected_salt(scope: str) -> str:

@@ -1,0 +1,43 @@
+"""Quota state for admission (SPEC 4 and 6): rate buckets, in-flight leases and budgets, per scope.
+
+QuotaStore (protocol)       admit -> Decision (+ Reservation), settle, renew, close
+├── RedisQuotaStore         shared by every replica: one Lua script per call, keys hash-tagged by tenant
+├── LocalQuotaStore         the same semantics in one process (embedded mode, fallback)
+└── FailoverQuotaStore      Redis first; while it is down: local shares, fail open, or fail closed
+
+QuotaBackendError           Redis unreachable or failing (a ServiceUnavailableError: 503)
+"""
+
+from gateway.limits._failover import FailoverQuotaStore, FailureMode
+from gateway.limits._local import LocalQuotaStore
+from gateway.limits._period import period_window
+from gateway.limits._protocol import QuotaStore
+from gateway.limits._redis import RedisQuotaStore, fast_fail_client
+from gateway.limits._types import (
+    Decision,
+    LimitName,
+    Period,
+    QuotaBackendError,
+    QuotaLimits,
+    RateHeaders,
+    Reservation,
+    Scope,
+)
+
+__all__ = [
+    "Decision",
+    "FailoverQuotaStore",
+    "FailureMode",
+    "LimitName",
+    "LocalQuotaStore",
+    "Period",
+    "QuotaBackendError",
+    "QuotaLimits",
+    "QuotaStore",
+    "RateHeaders",
+    "RedisQuotaStore",
+    "Reservation",
+    "Scope",
+    "fast_fail_client",
+    "period_window",
+]

@@ -1,0 +1,292 @@
+"""Admission end to end: quotas in Redis (a real redis-server), the fair queue, 429s the SDK understands."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.support.admin import tenant_with_key
+from tests.support.gateway import GatewayProc, start_gateway
+from tests.support.redis_server import RedisServer
+from tests.support.sim import SimHandle, start_sim
+
+MSG = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
+    handle = start_sim("--ttft-ms", "1", "--itl-ms", "2", log_dir=tmp_path_factory.mktemp("sim-adm"))
+    yield handle
+    handle.stop()
+
+
+def base_config(sim: SimHandle, redis: RedisServer | None, workdir: Path, capacity: int = 64) -> dict[str, Any]:
+    return {
+        "redis_url": redis.url if redis else None,
+        "backends": [{"name": "sim", "kind": "vllm", "url": sim.url, "capacity": capacity}],
+        "models": [
+            {"name": "big", "backends": ["sim"], "price": {"input_per_1k": 1.0, "output_per_1k": 2.0}},
+            {"name": "small", "backends": ["sim"], "price": {"input_per_1k": 0.0, "output_per_1k": 0.0}},
+        ],
+        "billing": {"sinks": [{"kind": "jsonl", "path": str(workdir / "billing.jsonl")}]},
+    }
+
+
+@pytest.fixture(scope="module")
+def gw(sim: SimHandle, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
+    workdir = tmp_path_factory.mktemp("gw-adm")
+    proc = start_gateway(base_config(sim, redis_server, workdir), workdir)
+    yield proc
+    proc.stop()
+
+
+def post(gw: GatewayProc, key: str, **body: Any) -> httpx.Response:
+    return httpx.post(
+        gw.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "big", "messages": MSG, "max_tokens": 2, **body},
+        timeout=30,
+    )
+
+
+def metric(gw: GatewayProc, line_start: str) -> float:
+    for line in httpx.get(gw.url + "/metrics").text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_rpm_limit_headers_and_429(gw: GatewayProc) -> None:
+    key = tenant_with_key(gw.url, gw.admin_key, "rpm5", limits={"rpm": 5})
+    remaining = []
+    for _ in range(5):
+        resp = post(gw, key)
+        assert resp.status_code == 200
+        assert resp.headers["x-ratelimit-limit-requests"] == "5"
+        remaining.append(int(resp.headers["x-ratelimit-remaining-requests"]))
+        assert resp.headers["x-ratelimit-reset-requests"].endswith("s")
+    assert remaining == [4, 3, 2, 1, 0]
+    refused = post(gw, key)
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert error["type"] == "requests" and error["code"] == "rate_limit_exceeded"
+    assert "requests per minute" in error["message"] and "rpm5" not in error["message"]
+    assert 1 <= int(refused.headers["retry-after"]) <= 13
+    assert 1000 <= int(refused.headers["retry-after-ms"]) <= 12_100
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-request-id"]
+    assert metric(gw, 'gateway_rejections_total{reason="rpm",tenant="rpm5"}') == 1
+
+
+def test_sdk_retries_a_rate_limit_after_the_advertised_delay(gw: GatewayProc) -> None:
+    key = tenant_with_key(gw.url, gw.admin_key, "retry", limits={"rpm": 60})
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=3)
+    client.models.list()  # warm the SDK's connection: its first try must follow the last refusal closely
+    # Spend the burst until a refusal advertises at least half a second (the bucket refills at 1/s), so the
+    # SDK's first try, a few ms later, is refused too.
+    while True:
+        refused = post(gw, key)
+        if refused.status_code == 429:
+            if int(refused.headers["retry-after-ms"]) >= 500:
+                break
+            time.sleep(int(refused.headers["retry-after-ms"]) / 1000)
+    delay = int(refused.headers["retry-after-ms"]) / 1000
+    before = metric(gw, 'gateway_rejections_total{reason="rpm",tenant="retry"}')
+    start = time.monotonic()
+    done = client.chat.completions.create(model="big", messages=MSG, max_tokens=1)  # type: ignore[arg-type]
+    elapsed = time.monotonic() - start
+    assert done.choices
+    # The SDK waited the advertised delay before its successful retry (its own backoff starts at 0.5 s).
+    assert metric(gw, 'gateway_rejections_total{reason="rpm",tenant="retry"}') >= before + 1  # it was refused
+    assert elapsed >= delay - 0.05
+    assert metric(gw, 'gateway_rejections_total{reason="rpm",tenant="retry"}') >= 2
+
+
+def test_budget_429_is_not_retried(gw: GatewayProc) -> None:
+    key = tenant_with_key(gw.url, gw.admin_key, "broke", budget={"amount": 0.000001, "period": "day"})
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=3)
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model="big", messages=MSG, max_tokens=5)  # type: ignore[arg-type]
+    assert info.value.code == "insufficient_quota"
+    assert info.value.response.headers["x-should-retry"] == "false"
+    assert metric(gw, 'gateway_rejections_total{reason="budget",tenant="broke"}') == 1  # one attempt only
+
+
+def test_budget_downgrades_to_a_smaller_model(gw: GatewayProc) -> None:
+    key = tenant_with_key(
+        gw.url,
+        gw.admin_key,
+        "thrifty",
+        budget={"amount": 0.000001, "period": "month"},
+        on_limit={"budget": "downgrade:small"},
+    )
+    resp = post(gw, key)
+    assert resp.status_code == 200
+    assert resp.headers["x-gateway-downgraded-from"] == "big"
+    assert resp.json()["model"] == "small"
+    events = [json.loads(x) for x in (gw.config_path.parent / "billing.jsonl").read_text().splitlines()]
+    event = next(e for e in events if e["id"] == resp.headers["x-request-id"])
+    assert event["data"]["model"] == "small" and event["data"]["downgraded_from"] == "big"
+
+
+def test_tokens_are_refunded_after_a_cancelled_stream(gw: GatewayProc) -> None:
+    key = tenant_with_key(gw.url, gw.admin_key, "tpm", limits={"tpm": 6000})
+    body = {"model": "big", "messages": MSG, "max_tokens": 1000, "stream": True}
+    with httpx.stream(
+        "POST", gw.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as resp:
+        assert int(resp.headers["x-ratelimit-remaining-tokens"]) < 5000  # 1000+ reserved
+        lines = resp.iter_lines()
+        for _ in range(4):
+            next(lines)
+    time.sleep(0.3)  # the gateway settles the cancelled stream
+    after = post(gw, key, max_tokens=10)
+    # Without the refund the bucket would hold about 6000 - 1040 - 50 (+ refill); with it, nearly full.
+    assert int(after.headers["x-ratelimit-remaining-tokens"]) > 5600
+
+
+def test_concurrency_cap_and_release(gw: GatewayProc) -> None:
+    key = tenant_with_key(gw.url, gw.admin_key, "one-at-a-time", limits={"max_concurrency": 1})
+    body = {"model": "big", "messages": MSG, "max_tokens": 150, "stream": True}
+    with httpx.stream(
+        "POST", gw.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as resp:
+        lines = resp.iter_lines()  # keep the iterator: dropping it closes the stream
+        next(lines)
+        refused = post(gw, key)
+        assert refused.status_code == 429
+        assert "concurrent requests" in refused.json()["error"]["message"]
+        for _ in lines:
+            pass
+    assert post(gw, key).status_code == 200  # the lease came back
+
+
+def test_noisy_neighbour_gets_429s_quiet_tenant_none(gw: GatewayProc) -> None:
+    noisy = tenant_with_key(gw.url, gw.admin_key, "noisy", limits={"rpm": 10})
+    quiet = tenant_with_key(gw.url, gw.admin_key, "quiet", limits={"rpm": 20})
+    noisy_codes, quiet_codes = [], []
+    for i in range(30):
+        noisy_codes.append(post(gw, noisy).status_code)
+        if i % 3 == 0:
+            quiet_codes.append(post(gw, quiet).status_code)
+    assert noisy_codes.count(200) == 10 and noisy_codes.count(429) == 20
+    assert set(quiet_codes) == {200}
+
+
+# --- the fair queue ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slow_gw(redis_server: RedisServer, tmp_path: Path) -> Iterator[tuple[GatewayProc, SimHandle]]:
+    sim = start_sim("--ttft-ms", "1", "--itl-ms", "10", log_dir=tmp_path)
+    proc = start_gateway(base_config(sim, None, tmp_path, capacity=1), tmp_path)
+    yield proc, sim
+    proc.stop()
+    sim.stop()
+
+
+def hold_slot(gw: GatewayProc, key: str, tokens: int, ready: threading.Event) -> None:
+    body = {"model": "big", "messages": MSG, "max_tokens": tokens, "stream": True}
+    with httpx.stream(
+        "POST", gw.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30
+    ) as resp:
+        for _ in resp.iter_lines():
+            ready.set()
+
+
+def test_queue_full_and_queue_timeout(slow_gw: tuple[GatewayProc, SimHandle]) -> None:
+    gw, _ = slow_gw
+    key = tenant_with_key(gw.url, gw.admin_key, "queued", limits={"max_queue_depth": 1, "max_queue_wait_ms": 300})
+    ready = threading.Event()
+    holder = threading.Thread(target=hold_slot, args=(gw, key, 100, ready))
+    holder.start()
+    assert ready.wait(10)
+    results: list[httpx.Response] = []
+    waiter = threading.Thread(target=lambda: results.append(post(gw, key)))
+    waiter.start()
+    time.sleep(0.1)
+    full = post(gw, key)
+    assert full.status_code == 429 and "queue" in full.json()["error"]["message"]
+    assert int(full.headers["retry-after-ms"]) >= 50
+    waiter.join(10)
+    timed_out = results[0]
+    assert timed_out.status_code == 429 and "waited" in timed_out.json()["error"]["message"]
+    holder.join(10)
+    assert metric(gw, 'gateway_rejections_total{reason="queue_full",tenant="queued"}') == 1
+    assert metric(gw, 'gateway_rejections_total{reason="queue_timeout",tenant="queued"}') == 1
+
+
+def test_client_leaving_the_queue_leaves_at_once(slow_gw: tuple[GatewayProc, SimHandle]) -> None:
+    gw, sim = slow_gw
+    key = tenant_with_key(gw.url, gw.admin_key, "leaver")
+    ready = threading.Event()
+    holder = threading.Thread(target=hold_slot, args=(gw, key, 100, ready))
+    holder.start()
+    assert ready.wait(10)
+    with pytest.raises(httpx.ReadTimeout):
+        post_timeout = httpx.post(
+            gw.url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": "big", "messages": MSG},
+            timeout=0.3,
+        )
+        del post_timeout
+    deadline = time.monotonic() + 2
+    while metric(gw, 'gateway_queued_requests{tenant="leaver"}') != 0:
+        assert time.monotonic() < deadline, "the abandoned request is still queued"
+        time.sleep(0.02)
+    before = sim.stats()["requests"]
+    holder.join(10)
+    time.sleep(0.2)
+    assert sim.stats()["requests"] == before  # the abandoned request never reached the backend
+
+
+# --- Redis failure modes and two replicas -----------------------------------------------------------
+
+
+def test_two_replicas_share_the_rpm_limit(sim: SimHandle, redis_server: RedisServer, tmp_path: Path) -> None:
+    a = start_gateway(base_config(sim, redis_server, tmp_path / "a"), tmp_path / "a")
+    b = start_gateway(base_config(sim, redis_server, tmp_path / "b"), tmp_path / "b")
+    try:
+        key = tenant_with_key(a.url, a.admin_key, "shared-rpm", limits={"rpm": 20})
+        codes = [post(a if i % 2 else b, key).status_code for i in range(30)]
+        assert codes.count(200) == 20 and codes.count(429) == 10
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.parametrize(("mode", "while_down"), [("local", 200), ("open", 200), ("closed", 503)])
+def test_redis_killed_and_restarted(sim: SimHandle, tmp_path: Path, mode: str, while_down: int) -> None:
+    redis = RedisServer(tmp_path / "redis")
+    redis.start(appendonly=True)
+    config = {**base_config(sim, redis, tmp_path), "redis_failure_mode": mode, "replicas": 2}
+    gw = start_gateway(config, tmp_path)
+    try:
+        key = tenant_with_key(gw.url, gw.admin_key, "resilient", limits={"rpm": 1000})
+        assert post(gw, key).status_code == 200
+        redis.kill()
+        for _ in range(5):
+            start = time.monotonic()
+            resp = post(gw, key)
+            assert time.monotonic() - start < 5, "a request hung on Redis"
+            assert resp.status_code == while_down, resp.text
+        assert metric(gw, f'gateway_redis_degraded{{mode="{mode}"}}') == 1
+        redis.start(appendonly=True)
+        deadline = time.monotonic() + 10
+        # Recovery needs no restart: the next requests find Redis again.
+        while post(gw, key).status_code != 200 or metric(gw, f'gateway_redis_degraded{{mode="{mode}"}}') != 0:
+            assert time.monotonic() < deadline, gw.output()[-3000:]
+            time.sleep(0.2)
+        assert f"failure mode '{mode}'" in gw.output()
+    finally:
+        gw.stop()
+        redis.kill()
