@@ -98,6 +98,18 @@ class Metrics:
             ["mode"],
             registry=r,
         )
+        self.billing_events = Counter(
+            "gateway_billing_events",
+            "Billing events by sink and outcome (emitted, spooled, replayed, failed).",
+            ["sink", "outcome"],
+            registry=r,
+        )
+        self.billing_spool = Gauge(
+            "gateway_billing_spool_events",
+            "Billing events waiting in the local spool for their sink.",
+            ["sink"],
+            registry=r,
+        )
         self.isolation_rejections = Counter(
             "gateway_isolation_rejections",
             "Requests refused because no backend for the model enforces prefix-cache isolation.",
