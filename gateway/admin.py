@@ -208,7 +208,7 @@ def create_admin_app(ctx: AdminContext) -> FastAPI:
         except ValidationError as exc:
             raise _as_422(exc) from None
         await store.create_tenant(tenant)
-        ctx.metrics.know_tenant(tenant.id)
+        ctx.metrics.know_tenant(tenant.id, tenant.weight)
         await audit("tenant.create", f"tenant:{tenant.id}", fields=body.model_dump(exclude={"id"}))
         return tenant
 
@@ -235,6 +235,7 @@ def create_admin_app(ctx: AdminContext) -> FastAPI:
         except ValidationError as exc:
             raise _as_422(exc) from None
         await store.put_tenant(updated)
+        ctx.metrics.know_tenant(updated.id, updated.weight)
         ctx.authenticator.invalidate()  # cached principals carry the old policy
         await audit("tenant.update", f"tenant:{tenant_id}", changes=changes)
         return updated

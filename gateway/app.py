@@ -125,10 +125,9 @@ class GatewayApp:
         else:
             store = SqliteStore(settings.state_path)
         salt_secret = await load_salt_secret(settings, store)
-        for tenant_id in await reconcile_config(settings, store):
-            self.metrics.know_tenant(tenant_id)
+        await reconcile_config(settings, store)
         for tenant in await store.list_tenants(limit=500):
-            self.metrics.know_tenant(tenant.id)
+            self.metrics.know_tenant(tenant.id, tenant.weight)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300),
             auto_decompress=False,
@@ -219,8 +218,9 @@ class GatewayApp:
                 log.warning("config reload: %s changed; it takes effect after a restart", field_name)
         pool = BackendPool(settings, self.metrics, previous=self.backends)
         await pool.check_all(running.session)
-        for tenant_id in await reconcile_config(settings, running.store):
-            self.metrics.know_tenant(tenant_id)
+        await reconcile_config(settings, running.store)
+        for tenant in settings.tenants:
+            self.metrics.know_tenant(tenant.id, tenant.weight)
         running.admission.update_backends(settings, settings.workers)
         running.handler = InferenceHandler(
             settings,

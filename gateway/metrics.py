@@ -117,9 +117,11 @@ class Metrics:
             registry=r,
         )
 
-    def know_tenant(self, tenant_id: str) -> None:
+    def know_tenant(self, tenant_id: str, weight: float | None = None) -> None:
         if len(self._tenants) < self._max_tenants:
             self._tenants.add(tenant_id)
+        if weight is not None and tenant_id in self._tenants:
+            self.tenant_weight.labels(tenant_id).set(weight)
 
     def tenant_label(self, tenant_id: str) -> str:
         return tenant_id if tenant_id in self._tenants else "other"
