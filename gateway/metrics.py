@@ -123,8 +123,15 @@ class Metrics:
         if weight is not None and tenant_id in self._tenants:
             self.tenant_weight.labels(tenant_id).set(weight)
 
-    def tenant_label(self, tenant_id: str) -> str:
-        return tenant_id if tenant_id in self._tenants else "other"
+    def tenant_label(self, tenant_id: str, weight: float | None = None) -> str:
+        """The tenant's label value: tenants exist only when an operator made them, so each gets its own
+        label until `max_tenants`; beyond that they share `other` (bounded cardinality)."""
+        if tenant_id in self._tenants:
+            return tenant_id
+        if len(self._tenants) < self._max_tenants:
+            self.know_tenant(tenant_id, weight)
+            return tenant_id
+        return "other"
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -119,7 +119,7 @@ class InferenceHandler:
         request = parse_request(endpoint, raw, self._limits.max_tokens_cap)
         model = self._authorise(principal, request.model)
         cache_scope = principal.cache_scope()
-        tenant_label = self._metrics.tenant_label(principal.tenant_id)
+        tenant_label = self._metrics.tenant_label(principal.tenant_id, principal.tenant.weight)
         prompt_estimate, output_estimate = self._admission.estimate(len(raw), request.max_tokens)
         downgraded_from: str | None = None
         while True:
