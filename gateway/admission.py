@@ -220,7 +220,7 @@ class Admission:
             if waiting:
                 self._metrics.queued.labels(label).dec()
         admitted.scheduler = scheduler
-        self._metrics.queue_wait.labels(label, model).observe(admitted.ticket.queue_wait_s)
+        self._metrics.child(self._metrics.queue_wait, label, model).observe(admitted.ticket.queue_wait_s)
 
     async def finish(self, admitted: Admitted, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
         """Release everything the request held and charge what it really used. Safe to call twice."""

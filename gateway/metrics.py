@@ -6,6 +6,8 @@ labels are bounded: only tenants known to this gateway get their own label value
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics"]
@@ -17,6 +19,7 @@ class Metrics:
     def __init__(self, max_tenants: int = 500) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._tenants: set[str] = set()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._max_tenants = max_tenants
         r = self.registry
         self.requests = Counter(
@@ -116,6 +119,15 @@ class Metrics:
             ["tenant", "model"],
             registry=r,
         )
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, memoised: label values are bounded, and `labels()` costs a lock and
+        several allocations on every call of the hot path."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def know_tenant(self, tenant_id: str, weight: float | None = None) -> None:
         if len(self._tenants) < self._max_tenants:

@@ -138,7 +138,7 @@ class InferenceHandler:
         if downgraded_from is not None:
             headers.append((b"x-gateway-downgraded-from", downgraded_from.encode()))
         outcome: Outcome | None = None
-        self._metrics.inflight.labels(tenant_label).inc()
+        self._metrics.child(self._metrics.inflight, tenant_label).inc()
         try:
             payload = self._rewrite(request, principal, model, backend, cache_scope)
             if request.stream:
@@ -152,7 +152,7 @@ class InferenceHandler:
             outcome.downgraded_from = downgraded_from
             self._record(outcome)
         finally:
-            self._metrics.inflight.labels(tenant_label).dec()
+            self._metrics.child(self._metrics.inflight, tenant_label).dec()
             usage = outcome.usage if outcome is not None else Usage()
             cost, _ = self._billing.cost(model.name, usage.prompt_tokens, usage.completion_tokens)
             await self._admission.finish(admitted, usage.prompt_tokens, usage.completion_tokens, cost)
@@ -297,7 +297,7 @@ class InferenceHandler:
                 )
             )
             raise UpstreamError(UPSTREAM_FAILED) from None
-        self._metrics.upstream_latency.labels(backend.name).observe(time.perf_counter() - started)
+        self._metrics.child(self._metrics.upstream_latency, backend.name).observe(time.perf_counter() - started)
         usage = Usage()
         finish_reason: str | None = None
         if status >= 400:
@@ -360,7 +360,7 @@ class InferenceHandler:
                 self._metrics.upstream_errors.labels(backend.name, type(exc).__name__).inc()
                 raise UpstreamError(UPSTREAM_FAILED) from None
             try:
-                self._metrics.upstream_latency.labels(backend.name).observe(time.perf_counter() - started)
+                self._metrics.child(self._metrics.upstream_latency, backend.name).observe(time.perf_counter() - started)
                 if resp.status != 200:
                     data = await resp.read()
                     if resp.status >= 500:
@@ -460,20 +460,20 @@ class InferenceHandler:
     def _record(self, outcome: Outcome) -> None:
         m = self._metrics
         tenant = m.tenant_label(outcome.principal.tenant_id)
-        m.requests.labels(tenant, outcome.model, str(outcome.status)).inc()
-        m.duration.labels(tenant, outcome.model).observe(outcome.duration_s)
+        m.child(m.requests, tenant, outcome.model, str(outcome.status)).inc()
+        m.child(m.duration, tenant, outcome.model).observe(outcome.duration_s)
         if outcome.ttft_s is not None:
-            m.ttft.labels(tenant, outcome.model).observe(outcome.ttft_s)
+            m.child(m.ttft, tenant, outcome.model).observe(outcome.ttft_s)
         usage = outcome.usage
         if usage.prompt_tokens:
-            m.tokens.labels(tenant, outcome.model, "prompt").inc(usage.prompt_tokens)
+            m.child(m.tokens, tenant, outcome.model, "prompt").inc(usage.prompt_tokens)
         if usage.completion_tokens:
-            m.tokens.labels(tenant, outcome.model, "completion").inc(usage.completion_tokens)
+            m.child(m.tokens, tenant, outcome.model, "completion").inc(usage.completion_tokens)
         if usage.cached_tokens:
-            m.tokens.labels(tenant, outcome.model, "cached").inc(usage.cached_tokens)
+            m.child(m.tokens, tenant, outcome.model, "cached").inc(usage.cached_tokens)
         cost, currency = self._billing.cost(outcome.model, usage.prompt_tokens, usage.completion_tokens)
         if cost:
-            m.spend.labels(tenant, currency).inc(cost)
+            m.child(m.spend, tenant, currency).inc(cost)
         self._billing.emit(
             outcome.request_id,
             outcome.principal.tenant_id,

@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-gw-"))
-    sim_port, gw_port = free_port(), free_port()
+    sim_port, gw_port, redis_port = free_port(), free_port(), free_port()
+    redis = spawn(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"], cpu=1)
     sim = spawn(
         [PY, "-m", "gateway", "sim", "--port", str(sim_port), "--ttft-ms", "0", "--itl-ms", "0"],
         cpu=1,
@@ -37,8 +38,25 @@ def main() -> None:
         "listen": {"host": "127.0.0.1", "port": gw_port},
         "state_path": str(tmp / "state.db"),
         "backends": [{"name": "sim", "kind": "vllm", "url": f"http://127.0.0.1:{sim_port}", "capacity": 1024}],
-        "models": [{"name": "bench-model", "backends": ["sim"], "upstream_model": "sim-model"}],
-        "tenants": [{"id": "bench", "keys": [{"name": "k", "key_env": "BENCH_KEY"}]}],
+        "models": [
+            {
+                "name": "bench-model",
+                "backends": ["sim"],
+                "upstream_model": "sim-model",
+                "price": {"input_per_1k": 0.001, "output_per_1k": 0.002},
+            }
+        ],
+        "redis_url": f"redis://127.0.0.1:{redis_port}/0",
+        # Every admission feature on, with limits high enough never to refuse: Redis buckets and leases,
+        # budget, and the fair queue (capacity above the load, so it never waits).
+        "tenants": [
+            {
+                "id": "bench",
+                "keys": [{"name": "k", "key_env": "BENCH_KEY"}],
+                "limits": {"rpm": 100_000_000, "tpm": 10_000_000_000, "max_concurrency": 100_000},
+                "budget": {"amount": 1_000_000_000, "period": "month"},
+            }
+        ],
         "billing": {"sinks": [{"kind": "jsonl", "path": str(tmp / "billing.jsonl")}]},
         "log_level": "warning",
     }
@@ -67,6 +85,7 @@ def main() -> None:
             stop(gw)
     finally:
         stop(sim)
+        stop(redis)
     out = {
         "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count()},
         "body": BODY,
