@@ -20,7 +20,9 @@ from tests.support.procs import python_cmd
 from tests.support.sim import SimHandle, start_sim
 
 ZERO_LATENCY = ("--ttft-ms", "0", "--itl-ms", "0", "--prefill-us-per-token", "0")
-BLOCK = 16
+BLOCK = 16  # the simulator's default --block-size
+# A 1,000-word user message is 1,002 prompt tokens with the chat template: 62 full blocks.
+THOUSAND_WORD_HIT = 62 * BLOCK
 
 
 def words(n: int, tag: str = "w") -> str:
@@ -267,9 +269,8 @@ def test_raw_sse_framing(sim: SimHandle) -> None:
 def test_repeated_prompt_hits_whole_blocks(sim: SimHandle) -> None:
     body = chat_body(words(1000), max_tokens=1)
     assert cached(sim, body) == 0
-    # 1,002 prompt tokens: 62 full blocks of 16.
-    assert cached(sim, body) == 992
-    assert sim.metric("vllm:prefix_cache_hits_total") == 992
+    assert cached(sim, body) == THOUSAND_WORD_HIT
+    assert sim.metric("vllm:prefix_cache_hits_total") == THOUSAND_WORD_HIT
     assert sim.metric("vllm:prefix_cache_queries_total") == 2 * 1002
 
 
@@ -277,24 +278,24 @@ def test_shared_prefix_hits_only_common_blocks(sim: SimHandle) -> None:
     cached(sim, {"model": "m", "prompt": words(100), "max_tokens": 1}, "/v1/completions")
     # Same first 40 words, then different: blocks 0 and 1 (32 tokens) are shared.
     other = words(40) + " " + words(60, "x")
-    assert cached(sim, {"model": "m", "prompt": other, "max_tokens": 1}, "/v1/completions") == 32
+    assert cached(sim, {"model": "m", "prompt": other, "max_tokens": 1}, "/v1/completions") == 2 * BLOCK
 
 
 def test_full_prompt_hit_still_recomputes_last_token(sim: SimHandle) -> None:
     body = {"model": "m", "prompt": words(32), "max_tokens": 1}
     cached(sim, body, "/v1/completions")
     # Both blocks are cached, but vLLM never serves the whole prompt from cache.
-    assert cached(sim, body, "/v1/completions") == 16
+    assert cached(sim, body, "/v1/completions") == BLOCK
 
 
 def test_cache_salt_isolates_prefixes(sim: SimHandle) -> None:
     prompt = words(1000)
     assert cached(sim, chat_body(prompt, max_tokens=1, cache_salt="tenant-a")) == 0
-    assert cached(sim, chat_body(prompt, max_tokens=1, cache_salt="tenant-a")) == 992
+    assert cached(sim, chat_body(prompt, max_tokens=1, cache_salt="tenant-a")) == THOUSAND_WORD_HIT
     assert cached(sim, chat_body(prompt, max_tokens=1, cache_salt="tenant-b")) == 0
     assert cached(sim, chat_body(prompt, max_tokens=1)) == 0
-    assert cached(sim, chat_body(prompt, max_tokens=1, cache_salt=None)) == 992
-    assert cached(sim, chat_body(prompt, max_tokens=1, cache_salt="tenant-b")) == 992
+    assert cached(sim, chat_body(prompt, max_tokens=1, cache_salt=None)) == THOUSAND_WORD_HIT
+    assert cached(sim, chat_body(prompt, max_tokens=1, cache_salt="tenant-b")) == THOUSAND_WORD_HIT
 
 
 @pytest.mark.parametrize("salt", ["", "x" * 129, "a/b", "a@b", "a\\b", "a\x00b", 7, ["s"]], ids=lambda s: repr(s)[:12])
@@ -326,7 +327,7 @@ def test_old_vllm_ignores_cache_salt(old_vllm_sim: SimHandle) -> None:
     assert post(sim, "/v1/embeddings", {"model": "m", "input": "x", "cache_salt": "a/b"}).status_code == 200
     prompt = words(1000)
     assert cached(sim, chat_body(prompt, max_tokens=1, cache_salt="tenant-a")) == 0
-    assert cached(sim, chat_body(prompt, max_tokens=1, cache_salt="tenant-b")) == 992
+    assert cached(sim, chat_body(prompt, max_tokens=1, cache_salt="tenant-b")) == THOUSAND_WORD_HIT
 
 
 def test_served_models_are_listed(old_vllm_sim: SimHandle) -> None:
@@ -354,10 +355,10 @@ def test_lru_eviction(tiny_cache_sim: SimHandle) -> None:
 
     assert hit(p1) == 0
     assert hit(p2) == 0  # the cache (4 blocks) is now full
-    assert hit(p1) == 32  # p1 becomes the most recently used
+    assert hit(p1) == 2 * BLOCK  # p1 becomes the most recently used
     assert hit(p3) == 0  # evicts p2, the least recently used
     assert sim.stats()["cache_blocks"] == 4
-    assert hit(p1) == 32
+    assert hit(p1) == 2 * BLOCK
     assert hit(p2) == 0
 
 
