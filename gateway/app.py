@@ -26,11 +26,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from gateway.admin import AdminContext, create_admin_app
 from gateway.admission import Admission
 from gateway.asgi import ClientDisconnected, Message, Receive, Scope, Send, header, send_response
-from gateway.auth import Authenticator
+from gateway.auth import Authenticator, bearer_token
 from gateway.backends import BackendPool
 from gateway.billing import Billing
 from gateway.config import ConfigError, Settings
-from gateway.errors import GatewayError, NotFoundError
+from gateway.errors import AuthenticationError, GatewayError, NotFoundError
+from gateway.keys import hash_key, hashes_equal
 from gateway.limits import FailoverQuotaStore, LocalQuotaStore, QuotaStore, RedisQuotaStore, fast_fail_client
 from gateway.metrics import Metrics
 from gateway.propagation import ChangeListener
@@ -134,7 +135,8 @@ class GatewayApp:
             skip_auto_headers=("User-Agent",),
         )
         authenticator = Authenticator(store, ttl_s=settings.auth_cache_ttl_s)
-        billing = Billing(settings)
+        billing = Billing(settings, self.metrics)
+        await billing.start()
         salts = SaltDeriver(salt_secret)
         quotas = self._quota_store(settings)
         admission = Admission(settings, quotas, self.metrics, settings.workers)
@@ -166,6 +168,14 @@ class GatewayApp:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
         self.ready = True
         log.info("gateway ready: %d backends, %d models", len(settings.backends), len(settings.models))
+
+    def _check_metrics_token(self, scope: Scope) -> None:
+        token = self.settings.metrics_token
+        if token is None:
+            return
+        given = bearer_token(header(scope, b"authorization"))
+        if given is None or not hashes_equal(hash_key(given), hash_key(token)):
+            raise AuthenticationError("The metrics endpoint needs 'Authorization: Bearer <metrics token>'.")
 
     def _quota_store(self, settings: Settings) -> QuotaStore:
         if not settings.redis_url:
@@ -251,7 +261,7 @@ class GatewayApp:
         for close in running.closers:
             await close()
         await running.session.close()
-        running.billing.close()
+        await running.billing.close()
         await running.store.close()
 
     async def _health_loop(self, session: aiohttp.ClientSession) -> None:
@@ -284,6 +294,7 @@ class GatewayApp:
                 body = b'{"status":"ready"}' if ok else b'{"status":"not ready"}'
                 await send_response(send, 200 if ok else 503, body, [rid])
             elif path == "/metrics":
+                self._check_metrics_token(scope)
                 await send_response(
                     send, 200, self.metrics.exposition(), [rid], content_type=b"text/plain; version=0.0.4"
                 )

@@ -25,8 +25,8 @@ __all__ = [
 ]
 
 # Environment variables that are not config overrides.
-_NOT_OVERRIDES = {"GATEWAY_ADMIN_KEY", "GATEWAY_SALT_SECRET", "GATEWAY_CONFIG", "GATEWAY_URL"}
-_SECRET_FIELDS = {"admin_key", "salt_secret", "api_key", "password", "env_secrets"}
+_NOT_OVERRIDES = {"GATEWAY_ADMIN_KEY", "GATEWAY_SALT_SECRET", "GATEWAY_METRICS_TOKEN", "GATEWAY_CONFIG", "GATEWAY_URL"}
+_SECRET_FIELDS = {"admin_key", "salt_secret", "metrics_token", "api_key", "password", "env_secrets"}
 
 
 class ConfigError(Exception):
@@ -103,14 +103,53 @@ class TenantConfig(Tenant):
 
 class SinkConfig(_Frozen):
     kind: Literal["jsonl", "redis_stream", "webhook"]
+    # Names the sink in metrics and its spool directory; defaults to the kind.
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    # jsonl: the file (default .gateway/billing.jsonl).
     path: str | None = None
+    # redis_stream: the Redis URL (default: the gateway's redis_url); webhook: where batches are POSTed.
     url: str | None = None
-    stream: str | None = None
+    # redis_stream: the stream, trimmed to about `maxlen` entries (XADD MAXLEN ~).
+    stream: str = Field(default="gateway:billing", min_length=1)
+    maxlen: int = Field(default=1_000_000, ge=1)
+    # One delivery attempt: the Redis socket timeout, the webhook request timeout.
+    timeout_s: float = Field(default=5.0, gt=0, le=300)
+    # webhook: further attempts within one delivery (exponential backoff, jitter) on 5xx and connection errors.
+    retries: int = Field(default=3, ge=0, le=20)
+    # Events per delivery, and events held in memory before the excess goes to the spool.
+    batch_max: int = Field(default=500, ge=1, le=100_000)
+    buffer_max: int = Field(default=10_000, ge=1)
+    # While the sink is down, the next try (which replays the spool) waits this long, doubling up to the max.
+    backoff_initial_s: float = Field(default=0.5, gt=0, le=600)
+    backoff_max_s: float = Field(default=30.0, gt=0, le=3600)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> SinkConfig:
+        if self.kind == "webhook" and not (self.url or "").startswith(("http://", "https://")):
+            raise ValueError("a webhook sink needs an http(s) url")
+        if self.kind == "redis_stream" and self.url is not None and "://" not in self.url:
+            raise ValueError("url: not a Redis URL")
+        return self
 
 
 class BillingConfig(_Frozen):
     sinks: tuple[SinkConfig, ...] = ()
     source: str = "gateway"
+    # Where undeliverable events wait, one directory per sink (default: `spool` next to the state path).
+    spool_dir: str | None = None
+    # On shutdown, how long delivery may go on before the rest is spooled for the next start.
+    shutdown_timeout_s: float = Field(default=10.0, ge=0, le=600)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> BillingConfig:
+        labels = [s.label for s in self.sinks]
+        if len(set(labels)) != len(labels):
+            raise ValueError("sinks: two sinks share a name; give each a distinct `name`")
+        return self
 
 
 class Settings(_Frozen):
@@ -143,6 +182,9 @@ class Settings(_Frozen):
     # Secrets: only ever from the environment (see load_settings); excluded from repr.
     admin_key: str | None = Field(default=None, repr=False)
     salt_secret: str | None = Field(default=None, repr=False)
+    # When set (GATEWAY_METRICS_TOKEN), /metrics answers only `Authorization: Bearer <token>`: its series
+    # name tenants, which other tenants must not read.
+    metrics_token: str | None = Field(default=None, repr=False)
     # Values of the environment variables named by `key_env` / `api_key_env`, read once at load time.
     env_secrets: dict[str, str] = Field(default_factory=dict, repr=False)
 
@@ -219,6 +261,7 @@ def load_settings(path: str | os.PathLike[str] | None, env: Mapping[str, str] | 
                 raise ConfigError(f"{name}: not a valid value") from None
     data["admin_key"] = env.get("GATEWAY_ADMIN_KEY") or None
     data["salt_secret"] = env.get("GATEWAY_SALT_SECRET") or None
+    data["metrics_token"] = env.get("GATEWAY_METRICS_TOKEN") or None
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:

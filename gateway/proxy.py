@@ -65,6 +65,15 @@ _SSE_HEADERS = [
 
 
 @dataclass(slots=True)
+class _Progress:
+    """How far a request got, for counting the ones that end before a backend is called."""
+
+    tenant: str = "unauthenticated"
+    model: str = "unknown"
+    dispatched: bool = False
+
+
+@dataclass(slots=True)
 class Outcome:
     """What happened to one request that reached a backend: the input of metering and billing."""
 
@@ -113,13 +122,28 @@ class InferenceHandler:
         )
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: str, request_id: str) -> None:
+        progress = _Progress()
+        try:
+            await self._handle(scope, receive, send, endpoint, request_id, progress)
+        except GatewayError as exc:
+            if not progress.dispatched:
+                # Answers that never reached a backend (401, 4xx, 429, the gateway's own 503s) count too;
+                # the others were counted with their outcome.
+                m = self._metrics
+                m.child(m.requests, progress.tenant, progress.model, str(exc.status)).inc()
+            raise
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, endpoint: str, request_id: str, progress: _Progress
+    ) -> None:
         started = time.perf_counter()
         principal = await self._auth.authenticate(header(scope, b"authorization"))
+        tenant_label = progress.tenant = self._metrics.tenant_label(principal.tenant_id, principal.tenant.weight)
         raw = await read_body(scope, receive, self._limits.max_body_bytes)
         request = parse_request(endpoint, raw, self._limits.max_tokens_cap)
         model = self._authorise(principal, request.model)
+        progress.model = model.name
         cache_scope = principal.cache_scope()
-        tenant_label = self._metrics.tenant_label(principal.tenant_id, principal.tenant.weight)
         prompt_estimate, output_estimate = self._admission.estimate(len(raw), request.max_tokens)
         downgraded_from: str | None = None
         while True:
@@ -138,6 +162,7 @@ class InferenceHandler:
         if downgraded_from is not None:
             headers.append((b"x-gateway-downgraded-from", downgraded_from.encode()))
         outcome: Outcome | None = None
+        progress.dispatched = True
         self._metrics.child(self._metrics.inflight, tenant_label).inc()
         try:
             payload = self._rewrite(request, principal, model, backend, cache_scope)

@@ -177,3 +177,14 @@ def test_config_managed_objects_are_refused(tmp_path_factory: pytest.TempPathFac
         assert httpx.get(proc.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
     finally:
         proc.stop()
+
+
+def test_metrics_token_protects_tenant_series(tmp_path_factory: pytest.TempPathFactory) -> None:
+    proc = start_gateway({}, tmp_path_factory.mktemp("gw-metrics"), env={"GATEWAY_METRICS_TOKEN": "scrape-me-123"})
+    try:
+        assert httpx.get(proc.url + "/metrics").status_code == 401
+        assert httpx.get(proc.url + "/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = httpx.get(proc.url + "/metrics", headers={"Authorization": "Bearer scrape-me-123"})
+        assert ok.status_code == 200 and "gateway_requests_total" in ok.text
+    finally:
+        proc.stop()

@@ -311,8 +311,13 @@ def test_client_disconnect_cancels_upstream(gw: GatewayProc, key: str, sim: SimH
 
 def test_metrics_exposed(gw: GatewayProc, client: openai.OpenAI) -> None:
     client.chat.completions.create(model="chat-model", messages=MESSAGES, max_tokens=1)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=MESSAGES)
     text = httpx.get(gw.url + "/metrics").text
     assert 'gateway_requests_total{model="chat-model",status="200",tenant="alpha"}' in text
+    # Answers that never reached a backend are counted too.
+    assert 'gateway_requests_total{model="unknown",status="404",tenant="alpha"}' in text
+    assert 'gateway_requests_total{model="unknown",status="401",tenant="unauthenticated"}' in text
     assert 'gateway_backend_salt_unsupported{backend="sim"} 0.0' in text
     assert 'gateway_backend_up{backend="dead"} 0.0' in text
 

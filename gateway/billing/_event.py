@@ -1,0 +1,45 @@
+"""The usage event (CloudEvents 1.0 JSON, SPEC section 8) and the price of a request.
+
+An event travels as a `Record`: its id and its compact JSON, serialised once on the hot path and shared by
+every sink and the spool. The data never holds secrets (keys, salts): only ids, counts, cost and timings.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import orjson
+
+from gateway.config import ModelConfig
+
+__all__ = ["Record", "cost_of", "encode", "usage_event"]
+
+# (event id, the event as one line of compact JSON without a trailing newline)
+Record = tuple[str, bytes]
+
+
+def cost_of(model: ModelConfig | None, prompt_tokens: int, completion_tokens: int) -> tuple[float, str]:
+    if model is None or model.price is None:
+        return 0.0, "USD"
+    price = model.price
+    cost = prompt_tokens / 1000 * price.input_per_1k + completion_tokens / 1000 * price.output_per_1k
+    return round(cost, 10), price.currency
+
+
+def usage_event(source: str, request_id: str, tenant_id: str, data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "id": request_id,
+        "source": source,
+        "type": "gateway.usage.v1",
+        "subject": tenant_id,
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+
+
+def encode(event: dict[str, Any]) -> Record:
+    # orjson never emits a raw newline inside compact JSON, so one event is always one line.
+    return event["id"], orjson.dumps(event)
