@@ -39,6 +39,7 @@ from gateway.proxy import InferenceHandler
 from gateway.salt import SaltDeriver
 from gateway.state import load_salt_secret, reconcile_config
 from gateway.store import RedisStore, SqliteStore, Store
+from gateway.tracing import Tracing
 
 __all__ = ["GatewayApp", "create_app"]
 
@@ -71,8 +72,9 @@ class _Running:
 
 
 class GatewayApp:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tracing: Tracing | None = None) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.metrics = Metrics()
         self.backends = BackendPool(settings, self.metrics)
         self.ready = False
@@ -138,6 +140,8 @@ class GatewayApp:
         billing = Billing(settings, self.metrics)
         await billing.start()
         salts = SaltDeriver(salt_secret)
+        if self.tracing is None:
+            self.tracing = Tracing.from_environment()
         quotas = self._quota_store(settings)
         admission = Admission(settings, quotas, self.metrics, settings.workers)
         handler = InferenceHandler(
@@ -150,6 +154,7 @@ class GatewayApp:
             _backend_keys(settings),
             billing,
             admission,
+            self.tracing,
         )
         admin = create_admin_app(AdminContext(settings, store, authenticator, self.metrics))
         self._running = _Running(store, session, handler, authenticator, admin, billing, salts, admission)
@@ -242,6 +247,7 @@ class GatewayApp:
             _backend_keys(settings),
             running.billing,
             running.admission,
+            self.tracing or Tracing(None),
         )
         self.backends = pool
         self.settings = settings
@@ -263,6 +269,8 @@ class GatewayApp:
         await running.session.close()
         await running.billing.close()
         await running.store.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
     async def _health_loop(self, session: aiohttp.ClientSession) -> None:
         while True:
@@ -340,6 +348,9 @@ async def _send_error(send: Send, exc: GatewayError, rid: tuple[bytes, bytes]) -
         await send_response(send, exc.status, exc.body(), headers)
 
 
-def create_app(settings: Settings) -> GatewayApp:
-    """Build the app. No I/O happens here: the lifespan opens the store and the upstream pool."""
-    return GatewayApp(settings)
+def create_app(settings: Settings, tracing: Tracing | None = None) -> GatewayApp:
+    """Build the app. No I/O happens here: the lifespan opens the store and the upstream pool.
+
+    `tracing` defaults to what the standard `OTEL_*` environment variables ask for (off when unset).
+    """
+    return GatewayApp(settings, tracing)

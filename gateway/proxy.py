@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
@@ -36,6 +37,7 @@ from gateway.metrics import Metrics
 from gateway.requests import ParsedRequest, parse_request
 from gateway.salt import SaltDeriver
 from gateway.tenancy import Principal
+from gateway.tracing import Tracing
 from gateway.upstream import (
     UPSTREAM_FAILED,
     Relay,
@@ -71,6 +73,7 @@ class _Progress:
     tenant: str = "unauthenticated"
     model: str = "unknown"
     dispatched: bool = False
+    span: Any = None
 
 
 @dataclass(slots=True)
@@ -104,7 +107,9 @@ class InferenceHandler:
         backend_keys: Mapping[str, str],
         billing: Billing,
         admission: Admission,
+        tracing: Tracing,
     ) -> None:
+        self._tracing = tracing
         self._billing = billing
         self._admission = admission
         self._limits = settings.limits
@@ -123,15 +128,19 @@ class InferenceHandler:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: str, request_id: str) -> None:
         progress = _Progress()
-        try:
-            await self._handle(scope, receive, send, endpoint, request_id, progress)
-        except GatewayError as exc:
-            if not progress.dispatched:
-                # Answers that never reached a backend (401, 4xx, 429, the gateway's own 503s) count too;
-                # the others were counted with their outcome.
-                m = self._metrics
-                m.child(m.requests, progress.tenant, progress.model, str(exc.status)).inc()
-            raise
+        with self._tracing.server_span(endpoint, request_id) as span:
+            progress.span = span
+            try:
+                await self._handle(scope, receive, send, endpoint, request_id, progress)
+            except GatewayError as exc:
+                if not progress.dispatched:
+                    # Answers that never reached a backend (401, 4xx, 429, the gateway's own 503s) count too;
+                    # the others were counted with their outcome.
+                    m = self._metrics
+                    m.child(m.requests, progress.tenant, progress.model, str(exc.status)).inc()
+                if span is not None:
+                    Tracing.finish(span, exc.status, None)
+                raise
 
     async def _handle(
         self, scope: Scope, receive: Receive, send: Send, endpoint: str, request_id: str, progress: _Progress
@@ -143,6 +152,8 @@ class InferenceHandler:
         request = parse_request(endpoint, raw, self._limits.max_tokens_cap)
         model = self._authorise(principal, request.model)
         progress.model = model.name
+        if progress.span is not None:
+            Tracing.identify(progress.span, endpoint, model.name, principal.tenant_id)
         cache_scope = principal.cache_scope()
         prompt_estimate, output_estimate = self._admission.estimate(len(raw), request.max_tokens)
         downgraded_from: str | None = None
@@ -176,6 +187,8 @@ class InferenceHandler:
                 )
             outcome.downgraded_from = downgraded_from
             self._record(outcome)
+            if progress.span is not None:
+                Tracing.finish(progress.span, outcome.status, outcome.usage, outcome.finish_reason)
         finally:
             self._metrics.child(self._metrics.inflight, tenant_label).dec()
             usage = outcome.usage if outcome is not None else Usage()
@@ -300,9 +313,10 @@ class InferenceHandler:
         url = backend.base_url + _PATHS[request.endpoint]
         headers = backend_headers(backend, request_id, self._backend_keys.get(backend.name))
         try:
-            async with self._session.post(url, data=payload, headers=headers, timeout=self._timeout) as resp:
-                status = resp.status
-                data = await resp.read()
+            with self._tracing.client_span(request.endpoint, model.upstream_name, backend.name, backend.config.kind):
+                async with self._session.post(url, data=payload, headers=headers, timeout=self._timeout) as resp:
+                    status = resp.status
+                    data = await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self._metrics.upstream_errors.labels(backend.name, type(exc).__name__).inc()
             self._record(
@@ -377,6 +391,10 @@ class InferenceHandler:
         started_response = False
 
         async def forward() -> None:
+            with self._tracing.client_span(request.endpoint, model.upstream_name, backend.name, backend.config.kind):
+                await relay_upstream()
+
+        async def relay_upstream() -> None:
             nonlocal status, started_response
             try:
                 resp_cm = self._session.post(url, data=payload, headers=headers, timeout=self._timeout)
