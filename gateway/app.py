@@ -23,6 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from gateway import httpclient
 from gateway.admin import AdminContext, create_admin_app
 from gateway.admission import Admission
 from gateway.asgi import ClientDisconnected, Message, Receive, Scope, Send, header, send_response
@@ -83,6 +84,7 @@ class GatewayApp:
         # Where SIGHUP re-reads the settings from (set by `gateway serve`; None: no hot reload).
         self.reloader: Callable[[], Settings] | None = None
         self._reloads: set[asyncio.Task[bool]] = set()
+        self._pools: dict[str, tuple[str, httpclient.Pool]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -144,11 +146,12 @@ class GatewayApp:
             self.tracing = Tracing.from_environment()
         quotas = self._quota_store(settings)
         admission = Admission(settings, quotas, self.metrics, settings.workers)
+        self._pools = self._make_pools(settings, {})
         handler = InferenceHandler(
             settings,
             authenticator,
             self.backends,
-            session,
+            {name: pool for name, (_, pool) in self._pools.items()},
             salts,
             self.metrics,
             _backend_keys(settings),
@@ -173,6 +176,28 @@ class GatewayApp:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
         self.ready = True
         log.info("gateway ready: %d backends, %d models", len(settings.backends), len(settings.models))
+
+    @staticmethod
+    def _make_pools(
+        settings: Settings, previous: dict[str, tuple[str, httpclient.Pool]]
+    ) -> dict[str, tuple[str, httpclient.Pool]]:
+        """One keep-alive pool per backend (with its URL); a reload keeps the pools whose URL did not change."""
+        pools = {}
+        limits = settings.limits
+        for backend in settings.backends:
+            old = previous.get(backend.name)
+            if old is not None and old[0] == backend.url:
+                pools[backend.name] = old
+                continue
+            pool = httpclient.Pool(
+                backend.url,
+                connect_timeout_s=limits.connect_timeout_s,
+                read_timeout_s=limits.read_timeout_s,
+                # vLLM, uvicorn and the simulator drop idle connections after 5 s: retire ours first.
+                idle_timeout_s=4.0,
+            )
+            pools[backend.name] = (backend.url, pool)
+        return pools
 
     def _check_metrics_token(self, scope: Scope) -> None:
         token = self.settings.metrics_token
@@ -237,11 +262,13 @@ class GatewayApp:
         for tenant in settings.tenants:
             self.metrics.know_tenant(tenant.id, tenant.weight)
         running.admission.update_backends(settings, settings.workers)
+        old_pools = self._pools
+        self._pools = self._make_pools(settings, old_pools)
         running.handler = InferenceHandler(
             settings,
             running.authenticator,
             pool,
-            running.session,
+            {name: upstream for name, (_, upstream) in self._pools.items()},
             running.salts,
             self.metrics,
             _backend_keys(settings),
@@ -252,6 +279,11 @@ class GatewayApp:
         self.backends = pool
         self.settings = settings
         running.authenticator.invalidate()
+        for name, old in old_pools.items():
+            if self._pools.get(name) is not old:
+                old_pool = old[1]
+                # In-flight requests on a replaced pool keep their connections; only idle ones close now.
+                running.tasks.append(asyncio.create_task(_close_later(old_pool, settings.shutdown_grace_s)))
         log.info("config reloaded: %d backends, %d models", len(settings.backends), len(settings.models))
 
     async def shutdown(self) -> None:
@@ -266,6 +298,8 @@ class GatewayApp:
                 await task
         for close in running.closers:
             await close()
+        for _, upstream in self._pools.values():
+            await upstream.close()
         await running.session.close()
         await running.billing.close()
         await running.store.close()
@@ -326,6 +360,11 @@ _MODES = {
     "open": "requests are admitted without limits",
     "closed": "requests are refused with 503",
 }
+
+
+async def _close_later(pool: httpclient.Pool, delay_s: float) -> None:
+    await asyncio.sleep(delay_s)
+    await pool.close()
 
 
 def _backend_keys(settings: Settings) -> dict[str, str]:

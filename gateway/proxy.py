@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 
+from gateway import httpclient
 from gateway.admission import Admission, Admitted
 from gateway.asgi import ClientDisconnected, Receive, Scope, Send, header, read_body, send_response
 from gateway.auth import Authenticator
@@ -101,7 +101,7 @@ class InferenceHandler:
         settings: Settings,
         authenticator: Authenticator,
         backends: BackendPool,
-        session: aiohttp.ClientSession,
+        pools: Mapping[str, httpclient.Pool],
         salts: SaltDeriver,
         metrics: Metrics,
         backend_keys: Mapping[str, str],
@@ -116,15 +116,10 @@ class InferenceHandler:
         self._models: dict[str, ModelConfig] = {m.name: m for m in settings.models}
         self._auth = authenticator
         self._backends = backends
-        self._session = session
+        self._pools = pools
         self._salts = salts
         self._metrics = metrics
         self._backend_keys = backend_keys
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=settings.limits.connect_timeout_s,
-            sock_read=settings.limits.read_timeout_s,
-        )
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: str, request_id: str) -> None:
         progress = _Progress()
@@ -310,14 +305,14 @@ class InferenceHandler:
         started: float,
         response_headers: list[tuple[bytes, bytes]],
     ) -> Outcome:
-        url = backend.base_url + _PATHS[request.endpoint]
         headers = backend_headers(backend, request_id, self._backend_keys.get(backend.name))
+        pool = self._pools[backend.name]
         try:
             with self._tracing.client_span(request.endpoint, model.upstream_name, backend.name, backend.config.kind):
-                async with self._session.post(url, data=payload, headers=headers, timeout=self._timeout) as resp:
+                async with await pool.request("POST", _PATHS[request.endpoint], payload, headers) as resp:
                     status = resp.status
                     data = await resp.read()
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except httpclient.UpstreamError as exc:
             self._metrics.upstream_errors.labels(backend.name, type(exc).__name__).inc()
             self._record(
                 Outcome(
@@ -383,7 +378,6 @@ class InferenceHandler:
         started: float,
         response_headers: list[tuple[bytes, bytes]],
     ) -> Outcome:
-        url = backend.base_url + _PATHS[request.endpoint]
         headers = backend_headers(backend, request_id, self._backend_keys.get(backend.name))
         swap_from, swap_to = self._model_swap(model)
         relay = Relay(send, client_wants_usage=request.client_wants_usage, model_from=swap_from, model_to=swap_to)
@@ -397,12 +391,11 @@ class InferenceHandler:
         async def relay_upstream() -> None:
             nonlocal status, started_response
             try:
-                resp_cm = self._session.post(url, data=payload, headers=headers, timeout=self._timeout)
-                resp = await resp_cm.__aenter__()
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                resp = await self._pools[backend.name].request("POST", _PATHS[request.endpoint], payload, headers)
+            except httpclient.UpstreamError as exc:
                 self._metrics.upstream_errors.labels(backend.name, type(exc).__name__).inc()
                 raise UpstreamError(UPSTREAM_FAILED) from None
-            try:
+            async with resp:
                 self._metrics.child(self._metrics.upstream_latency, backend.name).observe(time.perf_counter() - started)
                 if resp.status != 200:
                     data = await resp.read()
@@ -418,8 +411,6 @@ class InferenceHandler:
                 )
                 started_response = True
                 await relay.run(resp, started)
-            finally:
-                await resp_cm.__aexit__(None, None, None)
 
         task = asyncio.ensure_future(forward())
         watcher = asyncio.ensure_future(_wait_disconnect(receive))

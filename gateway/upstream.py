@@ -1,8 +1,8 @@
-"""Talking to backends: one pooled aiohttp session, unary calls, and the SSE relay.
+"""Talking to backends: translating their answers and errors, and the SSE relay.
 
-aiohttp was chosen by measurement (docs/ARCHITECTURE.md): httpx's pool serialises under concurrency.
-Every aiohttp failure is translated here into the gateway's error tree, with messages that never name
-a backend address.
+The HTTP client itself is `gateway.httpclient` (one keep-alive pool per backend), chosen by measurement
+(docs/ARCHITECTURE.md). Every client failure is translated into the gateway's error tree here and in
+`gateway.proxy`, with messages that never name a backend address.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import aiohttp
 import orjson
 
+from gateway import httpclient
 from gateway.asgi import Send
 from gateway.backends import Backend
 from gateway.errors import BadRequestError, GatewayError, UpstreamError
@@ -99,11 +99,11 @@ class Relay:
         self._model_to = model_to
         self.outcome = StreamOutcome()
 
-    async def run(self, resp: aiohttp.ClientResponse, clock: float) -> None:
+    async def run(self, resp: httpclient.Response, clock: float) -> None:
         buffer = b""
         outcome = self.outcome
         try:
-            async for chunk in resp.content.iter_any():
+            async for chunk in resp:
                 buffer += chunk
                 if b"\n\n" not in buffer:
                     continue
@@ -117,7 +117,7 @@ class Relay:
                     if outcome.first_chunk_at is None:
                         outcome.first_chunk_at = time.perf_counter() - clock
                     await self._send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except httpclient.UpstreamError as exc:
             log.warning("backend stream failed mid-way: %s", type(exc).__name__)
             outcome.failed = True
         if not outcome.done:

@@ -35,6 +35,7 @@ from tests.support.redis_server import RedisServer
 from tests.support.sim import SimHandle, start_sim
 
 MSG: list[Any] = [{"role": "user", "content": "hello"}]
+OUTCOMES = ("emitted", "spooled", "replayed", "failed")
 # Fast recovery for tests: the next try after a failure comes within 50-300 ms.
 FAST = {"backoff_initial_s": 0.05, "backoff_max_s": 0.3, "timeout_s": 0.5}
 
@@ -54,8 +55,9 @@ def emit(billing: Billing, ids: list[str]) -> None:
 
 
 def counters(metrics: Metrics, sink: str) -> dict[str, float]:
-    out = {o: metrics.billing_events.labels(sink, o)._value.get() for o in ("emitted", "spooled", "replayed", "failed")}
-    out["spool"] = metrics.billing_spool.labels(sink)._value.get()
+    sample = metrics.registry.get_sample_value
+    out = {o: sample("gateway_billing_events_total", {"sink": sink, "outcome": o}) or 0.0 for o in OUTCOMES}
+    out["spool"] = sample("gateway_billing_spool_events", {"sink": sink}) or 0.0
     return out
 
 
@@ -242,7 +244,7 @@ async def test_a_batch_whose_answer_was_lost_is_not_sent_twice(tmp_path: Path, o
     try:
         emit(billing, ids[:10])
         assert await billing.drain(5)
-        busy = asyncio.ensure_future(admin.eval(BUSY_LUA, 0, 700_000))  # type: ignore[no-untyped-call]
+        busy = asyncio.ensure_future(admin.eval(BUSY_LUA, 0, "700000"))
         await asyncio.sleep(0.05)
         emit(billing, ids[10:])
         await busy
@@ -475,6 +477,8 @@ def test_every_kind_of_request_is_billed_exactly_once(
             assert data["tenant"] == "t" and data["model"] == "m" and data["backend"] == "sim"
     assert all(by_id[r]["cost"] > 0 and by_id[r]["completion_tokens"] == 3 for r in kinds["unary"])
     assert all(0 < by_id[r]["completion_tokens"] < 500 for r in kinds["gone"])
+    written = (tmp_path / "billing.jsonl").read_text()
+    assert key not in written and "salt" not in written  # no secret travels with an event
     m = billing_metrics(gw)
     for sink in ("redis", "jsonl"):
         assert m[(sink, "emitted")] == total and m[(sink, "spooled")] == 0 and m[(sink, "spool")] == 0
@@ -526,9 +530,10 @@ def test_redis_killed_mid_run_loses_and_duplicates_nothing(
     assert not list((tmp_path / "spool" / "redis").glob("*.seg"))
 
 
-def burst(gw: GatewayProc, key: str, n: int, sigterm_after: int | None = None) -> list[tuple[int, str]]:
-    """`n` concurrent streams; with `sigterm_after`, SIGTERM the gateway when that many have finished."""
+def burst(gw: GatewayProc, key: str, n: int, *, sigterm: bool = False) -> list[tuple[int, str]]:
+    """`n` concurrent streams; with `sigterm`, SIGTERM the gateway as soon as all of them are under way."""
     done: list[tuple[int, str]] = []
+    started = threading.Barrier(n + 1)
 
     def one() -> None:
         with httpx.stream(
@@ -538,14 +543,16 @@ def burst(gw: GatewayProc, key: str, n: int, sigterm_after: int | None = None) -
             json={"model": "m", "messages": MSG, "max_tokens": 20, "stream": True},
             timeout=30,
         ) as resp:
+            started.wait(10)
             list(resp.iter_lines())
             done.append((resp.status_code, resp.headers["x-request-id"]))
-        if len(done) == sigterm_after:
-            gw.proc.signal(signal.SIGTERM)
 
     threads = [threading.Thread(target=one) for _ in range(n)]
     for t in threads:
         t.start()
+    started.wait(10)
+    if sigterm:
+        gw.proc.signal(signal.SIGTERM)
     for t in threads:
         t.join(30)
     return done
@@ -557,7 +564,7 @@ def test_sigterm_right_after_a_burst_flushes_every_event(
     own_redis.start()
     gw = launch(own_redis.url)
     key = tenant_with_key(gw.url, gw.admin_key, "t")
-    done = burst(gw, key, 30, sigterm_after=10)
+    done = burst(gw, key, 30, sigterm=True)
     assert gw.proc.popen is not None and gw.proc.popen.wait(20) == 0, gw.output()
     assert [status for status, _ in done] == [200] * 30  # those in flight finished during the drain
     billed = jsonl_ids(tmp_path / "billing.jsonl")

@@ -123,18 +123,17 @@ class Lane:
 
     async def _run(self) -> None:
         while True:
-            if not self.buffer and not self.spool.pending:
-                if self._closing:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            if self._closing and self._failures:
-                # Shutting down and the sink failed its last chance: keep the rest for the next start.
-                await self._spool_buffer()
-                return
             try:
-                if self._is_down():
+                if not self.buffer and not self.spool.pending:
+                    if self._closing:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                elif self._closing and self._failures:
+                    # Shutting down and the sink failed its last chance: keep the rest for the next start.
+                    await self._spool_buffer()
+                    return
+                elif self._is_down():
                     await self._spool_buffer()
                     await self._pause()
                 elif self.spool.pending:
@@ -144,6 +143,7 @@ class Lane:
             except Exception:  # a bug here must not end billing: log it, back off, carry on
                 log.exception("billing sink %s: unexpected error in the delivery loop", self.name)
                 self._mark_down("unexpected error")
+                await asyncio.sleep(_DOWN_FLUSH_S)
 
     async def _deliver(self) -> None:
         batch = [self.buffer.popleft() for _ in range(min(self._batch_max, len(self.buffer)))]

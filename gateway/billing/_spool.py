@@ -75,9 +75,6 @@ class Spool:
         """Events waiting in the spool."""
         return self._pending
 
-    def segments(self) -> list[Path]:
-        return [s.path for s in self._segments]
-
     def open(self) -> None:
         """Claim a slot, adopt orphaned slots, and load what a previous run left (blocking I/O)."""
         with self._lock:
