@@ -9,6 +9,7 @@ source of truth for them (GitOps); reads, key creation under them and usage stil
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -31,7 +32,8 @@ from gateway.errors import (
 from gateway.keys import generate_key, hash_key, hashes_equal, new_key_id
 from gateway.metrics import Metrics
 from gateway.store import Store
-from gateway.tenancy import TENANT_ID, AuditEntry, Budget, KeyRecord, Quotas, Tenant
+from gateway.tenancy import TENANT_ID, AuditEntry, Budget, KeyRecord, Quotas, Tenant, UsageRow
+from gateway.usage import UsageLedger
 
 __all__ = ["AdminContext", "create_admin_app"]
 
@@ -44,6 +46,7 @@ class AdminContext:
     store: Store
     authenticator: Authenticator
     metrics: Metrics
+    ledger: UsageLedger
 
 
 class TenantIn(BaseModel):
@@ -127,6 +130,59 @@ class TenantPage(BaseModel):
     data: list[Tenant]
     has_more: bool
     next_after: str | None
+
+
+class TokenCounts(BaseModel):
+    prompt: int = 0
+    completion: int = 0
+    cached: int = 0
+
+
+class UsageTotals(BaseModel):
+    requests: int = 0
+    tokens: TokenCounts = TokenCounts()
+    spend: dict[str, float] = Field(default_factory=dict, description="Spend per currency.")
+
+
+class KeyUsage(UsageTotals):
+    key_id: str
+
+
+class UsageReport(UsageTotals):
+    tenant: str
+    since: float
+    until: float
+    by_key: list[KeyUsage] = Field(default_factory=list)
+
+
+def _parse_time(value: str | None, default: float, param: str) -> float:
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise UnprocessableError(f"{param}: a Unix time or an ISO 8601 date-time", param=param) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()
+
+
+def _report(tenant: str, since: float, until: float, rows: list[UsageRow]) -> UsageReport:
+    report = UsageReport(tenant=tenant, since=since, until=until)
+    keys: dict[str, KeyUsage] = {}
+    for row in rows:
+        for totals in (report, keys.setdefault(row.key_id, KeyUsage(key_id=row.key_id))):
+            totals.requests += row.requests
+            totals.tokens.prompt += row.prompt_tokens
+            totals.tokens.completion += row.completion_tokens
+            totals.tokens.cached += row.cached_tokens
+            totals.spend[row.currency] = round(totals.spend.get(row.currency, 0.0) + row.spend, 10)
+    report.by_key = sorted(keys.values(), key=lambda k: k.key_id)
+    return report
 
 
 class AuditPage(BaseModel):
@@ -323,6 +379,33 @@ def create_admin_app(ctx: AdminContext) -> FastAPI:
         ctx.authenticator.invalidate(old.secret_hash)
         await audit("key.rotate", f"key:{key_id}", new_key=new.id, prefix=new.prefix, grace_period_s=grace)
         return {**_key_out(new), "key": secret}
+
+    # --- usage ------------------------------------------------------------------------------------
+
+    @router.get("/tenants/{tenant_id}/usage", response_model=UsageReport, tags=["usage"])
+    async def tenant_usage(
+        tenant_id: str,
+        since: Annotated[str | None, Query(description="Unix time or ISO 8601; default 30 days ago")] = None,
+        until: Annotated[str | None, Query(description="Unix time or ISO 8601; default now")] = None,
+        key_id: Annotated[str | None, Query()] = None,
+    ) -> UsageReport:
+        await _tenant(store, tenant_id)
+        now = time.time()
+        start, end = _parse_time(since, now - 30 * 86400, "since"), _parse_time(until, now, "until")
+        if end < start:
+            raise UnprocessableError("until: must not be before since", param="until")
+        return _report(tenant_id, start, end, await ctx.ledger.query(tenant_id, start, end, key_id))
+
+    @router.get("/keys/{key_id}/usage", response_model=UsageReport, tags=["usage"])
+    async def key_usage(
+        key_id: str,
+        since: Annotated[str | None, Query()] = None,
+        until: Annotated[str | None, Query()] = None,
+    ) -> UsageReport:
+        record = await _key(store, key_id)
+        now = time.time()
+        start, end = _parse_time(since, now - 30 * 86400, "since"), _parse_time(until, now, "until")
+        return _report(record.tenant_id, start, end, await ctx.ledger.query(record.tenant_id, start, end, key_id))
 
     # --- audit ------------------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from gateway.salt import SaltDeriver
 from gateway.state import load_salt_secret, reconcile_config
 from gateway.store import RedisStore, SqliteStore, Store
 from gateway.tracing import Tracing
+from gateway.usage import UsageLedger
 
 __all__ = ["GatewayApp", "create_app"]
 
@@ -68,6 +69,7 @@ class _Running:
     billing: Billing
     salts: SaltDeriver
     admission: Admission
+    ledger: UsageLedger
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -141,6 +143,8 @@ class GatewayApp:
         authenticator = Authenticator(store, ttl_s=settings.auth_cache_ttl_s)
         billing = Billing(settings, self.metrics)
         await billing.start()
+        ledger = UsageLedger(store)
+        ledger.start()
         salts = SaltDeriver(salt_secret)
         if self.tracing is None:
             self.tracing = Tracing.from_environment()
@@ -158,9 +162,10 @@ class GatewayApp:
             billing,
             admission,
             self.tracing,
+            ledger,
         )
-        admin = create_admin_app(AdminContext(settings, store, authenticator, self.metrics))
-        self._running = _Running(store, session, handler, authenticator, admin, billing, salts, admission)
+        admin = create_admin_app(AdminContext(settings, store, authenticator, self.metrics, ledger))
+        self._running = _Running(store, session, handler, authenticator, admin, billing, salts, admission, ledger)
         self._running.closers.append(quotas.close)
         await self.backends.check_all(session)
         self._running.tasks.append(asyncio.create_task(self._health_loop(session)))
@@ -275,6 +280,7 @@ class GatewayApp:
             running.billing,
             running.admission,
             self.tracing or Tracing(None),
+            running.ledger,
         )
         self.backends = pool
         self.settings = settings
@@ -302,6 +308,7 @@ class GatewayApp:
             await upstream.close()
         await running.session.close()
         await running.billing.close()
+        await running.ledger.close()
         await running.store.close()
         if self.tracing is not None:
             self.tracing.shutdown()

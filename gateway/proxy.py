@@ -46,6 +46,7 @@ from gateway.upstream import (
     error_from_backend,
     usage_from,
 )
+from gateway.usage import UsageLedger
 
 __all__ = ["InferenceHandler", "Outcome"]
 
@@ -108,8 +109,10 @@ class InferenceHandler:
         billing: Billing,
         admission: Admission,
         tracing: Tracing,
+        ledger: UsageLedger,
     ) -> None:
         self._tracing = tracing
+        self._ledger = ledger
         self._billing = billing
         self._admission = admission
         self._limits = settings.limits
@@ -508,6 +511,16 @@ class InferenceHandler:
         cost, currency = self._billing.cost(outcome.model, usage.prompt_tokens, usage.completion_tokens)
         if cost:
             m.child(m.spend, tenant, currency).inc(cost)
+        self._ledger.record(
+            outcome.principal.tenant_id,
+            outcome.principal.key.id,
+            time.time(),
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+            cost,
+            currency,
+        )
         self._billing.emit(
             outcome.request_id,
             outcome.principal.tenant_id,

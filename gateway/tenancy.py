@@ -20,6 +20,7 @@ __all__ = [
     "Principal",
     "Quotas",
     "Tenant",
+    "UsageRow",
     "model_allowed",
 ]
 
@@ -119,6 +120,20 @@ class AuditEntry(_Frozen):
     action: str
     target: str
     details: dict[str, object] = Field(default_factory=dict)
+
+
+class UsageRow(_Frozen):
+    """Totals of one tenant's key for one hour (UTC, as a Unix time) in one currency."""
+
+    tenant: str
+    key_id: str
+    hour: int
+    currency: str = "USD"
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    spend: float = 0.0
 
 
 def model_allowed(patterns: tuple[str, ...], model: str) -> bool:

@@ -316,3 +316,38 @@ def test_redis_killed_and_restarted(sim: SimHandle, tmp_path: Path, mode: str, w
     finally:
         gw.stop()
         redis.kill()
+
+
+def test_usage_per_tenant_and_key(gw: GatewayProc) -> None:
+    key1 = tenant_with_key(gw.url, gw.admin_key, "metered")
+    key2 = httpx.post(
+        gw.url + "/admin/tenants/metered/keys",
+        json={"name": "two"},
+        headers={"Authorization": f"Bearer {gw.admin_key}"},
+    ).json()
+    for _ in range(3):
+        assert post(gw, key1, max_tokens=4).status_code == 200
+    for _ in range(2):
+        assert post(gw, key2["key"], max_tokens=6).status_code == 200
+    admin = {"Authorization": f"Bearer {gw.admin_key}"}
+    deadline = time.monotonic() + 10
+    while True:
+        report = httpx.get(gw.url + "/admin/tenants/metered/usage", headers=admin).json()
+        if report["requests"] == 5:
+            break
+        assert time.monotonic() < deadline, report
+        time.sleep(0.1)
+    assert report["tokens"]["completion"] == 3 * 4 + 2 * 6
+    assert report["tokens"]["prompt"] > 0 and report["spend"]["USD"] > 0
+    by_key = {k["key_id"]: k for k in report["by_key"]}
+    assert by_key[key2["id"]]["requests"] == 2 and by_key[key2["id"]]["tokens"]["completion"] == 12
+    one = httpx.get(gw.url + f"/admin/keys/{key2['id']}/usage", headers=admin).json()
+    assert one["requests"] == 2
+    past = httpx.get(
+        gw.url + "/admin/tenants/metered/usage",
+        params={"until": "2020-01-01T00:00:00Z", "since": "2019-01-01T00:00:00Z"},
+        headers=admin,
+    ).json()
+    assert past["requests"] == 0
+    bad = httpx.get(gw.url + "/admin/tenants/metered/usage", params={"since": "yesterday"}, headers=admin)
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "since"

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from gateway.errors import ConflictError
 from gateway.store import RedisStore, SqliteStore, Store
-from gateway.tenancy import AuditEntry, KeyRecord, Quotas, Tenant
+from gateway.tenancy import AuditEntry, KeyRecord, Quotas, Tenant, UsageRow
 from tests.support.redis_server import RedisServer
 
 
@@ -90,3 +90,25 @@ async def test_redis_keys_share_one_cluster_slot(redis_server: RedisServer) -> N
     names = [k.decode() for k in await client.keys("*")]
     assert names and all("{gw}" in n for n in names)
     await s.close()
+
+
+async def test_usage_adds_up(store: Store) -> None:
+    row = UsageRow(
+        tenant="acme",
+        key_id="k1",
+        hour=7200,
+        requests=1,
+        prompt_tokens=10,
+        completion_tokens=5,
+        cached_tokens=2,
+        spend=0.5,
+    )
+    await store.add_usage([row, row.model_copy(update={"key_id": "k2"})])
+    await store.add_usage([row, row.model_copy(update={"hour": 3600 * 10})])
+    rows = await store.usage("acme", 0, 7200)
+    totals = {(r.key_id, r.hour): r for r in rows}
+    assert totals[("k1", 7200)].requests == 2 and totals[("k1", 7200)].prompt_tokens == 20
+    assert totals[("k1", 7200)].spend == pytest.approx(1.0)
+    assert ("k1", 36000) not in totals
+    assert [r.key_id for r in await store.usage("acme", 0, 7200, "k2")] == ["k2"]
+    assert await store.usage("other", 0, 10**9) == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from gateway.tenancy import AuditEntry, KeyRecord, Tenant
+from gateway.tenancy import AuditEntry, KeyRecord, Tenant, UsageRow
 
 __all__ = ["Store"]
 
@@ -37,6 +37,12 @@ class Store(Protocol):
 
     async def list_audit(self, *, after: int = 0, limit: int = 100) -> list[AuditEntry]:
         """Entries with a sequence number above `after`, oldest first."""
+
+    async def add_usage(self, rows: list[UsageRow]) -> None:
+        """Add (not set) each row's counts to the stored totals of its tenant, key, hour and currency."""
+
+    async def usage(self, tenant_id: str, first_hour: int, last_hour: int, key_id: str | None = None) -> list[UsageRow]:
+        """The stored rows of a tenant (or one of its keys) for hours in [first_hour, last_hour]."""
 
     async def get_or_set_meta(self, name: str, value: str) -> str:
         """Return the stored value of `name`, storing `value` first if there is none (atomically)."""

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.errors import ConflictError, ServiceUnavailableError
-from gateway.tenancy import AuditEntry, KeyRecord, Tenant
+from gateway.tenancy import AuditEntry, KeyRecord, Tenant, UsageRow
 
 __all__ = ["CHANGES_CHANNEL", "RedisStore"]
 
@@ -23,6 +23,14 @@ _KEYS = _P + "keys"  # hash key id -> doc
 _BY_HASH = _P + "key_by_hash"  # hash secret hash -> key id
 _AUDIT = _P + "audit"  # list of docs; position + 1 = sequence number
 _META = _P + "meta"
+
+
+_USAGE_TTL_S = 400 * 86400
+
+
+def _usage_key(tenant_id: str, hour: int) -> str:
+    # Hash-tagged by tenant (not {gw}): usage is written on every flush and spreads over the cluster.
+    return f"gw:{{{tenant_id}}}:usage:{hour}"
 
 
 def _tenant_keys(tenant_id: str) -> str:
@@ -132,6 +140,53 @@ class RedisStore:
         async with _seam():
             docs = await self._r.lrange(_AUDIT, after, after + limit - 1)
         return [AuditEntry.model_validate_json(d).model_copy(update={"seq": after + i + 1}) for i, d in enumerate(docs)]
+
+    async def add_usage(self, rows: list[UsageRow]) -> None:
+        async with _seam():
+            pipe = self._r.pipeline(transaction=False)
+            for r in rows:
+                key = _usage_key(r.tenant, r.hour)
+                prefix = f"{r.key_id}|{r.currency}|"
+                for name, value in (
+                    ("requests", r.requests),
+                    ("prompt", r.prompt_tokens),
+                    ("completion", r.completion_tokens),
+                    ("cached", r.cached_tokens),
+                ):
+                    pipe.hincrby(key, prefix + name, value)
+                pipe.hincrbyfloat(key, prefix + "spend", r.spend)
+                pipe.expire(key, _USAGE_TTL_S)
+            await pipe.execute()
+
+    async def usage(self, tenant_id: str, first_hour: int, last_hour: int, key_id: str | None = None) -> list[UsageRow]:
+        hours = list(range(first_hour, last_hour + 1, 3600))[-24 * 400 :]
+        async with _seam():
+            pipe = self._r.pipeline(transaction=False)
+            for hour in hours:
+                pipe.hgetall(_usage_key(tenant_id, hour))
+            results = await pipe.execute()
+        rows = []
+        for hour, fields in zip(hours, results, strict=True):
+            grouped: dict[tuple[str, str], dict[str, str]] = {}
+            for raw_name, raw_value in fields.items():
+                k, currency, name = raw_name.decode().split("|")
+                if key_id is None or k == key_id:
+                    grouped.setdefault((k, currency), {})[name] = raw_value.decode()
+            for (k, currency), v in grouped.items():
+                rows.append(
+                    UsageRow(
+                        tenant=tenant_id,
+                        key_id=k,
+                        hour=hour,
+                        currency=currency,
+                        requests=int(v.get("requests", 0)),
+                        prompt_tokens=int(v.get("prompt", 0)),
+                        completion_tokens=int(v.get("completion", 0)),
+                        cached_tokens=int(v.get("cached", 0)),
+                        spend=float(v.get("spend", 0.0)),
+                    )
+                )
+        return rows
 
     async def get_or_set_meta(self, name: str, value: str) -> str:
         async with _seam():

@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 from gateway.errors import ConflictError
-from gateway.tenancy import AuditEntry, KeyRecord, Tenant
+from gateway.tenancy import AuditEntry, KeyRecord, Tenant, UsageRow
 
 __all__ = ["SqliteStore"]
 
@@ -24,6 +24,12 @@ CREATE TABLE IF NOT EXISTS keys (
 );
 CREATE INDEX IF NOT EXISTS keys_by_tenant ON keys (tenant_id);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS usage (
+    tenant TEXT NOT NULL, key_id TEXT NOT NULL, hour INTEGER NOT NULL, currency TEXT NOT NULL,
+    requests INTEGER NOT NULL, prompt INTEGER NOT NULL, completion INTEGER NOT NULL, cached INTEGER NOT NULL,
+    spend REAL NOT NULL,
+    PRIMARY KEY (tenant, key_id, hour, currency)
+);
 CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, doc TEXT NOT NULL);
 """
 
@@ -104,6 +110,51 @@ class SqliteStore:
             "SELECT seq, doc FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
         ).fetchall()
         return [AuditEntry.model_validate_json(doc).model_copy(update={"seq": seq}) for seq, doc in rows]
+
+    async def add_usage(self, rows: list[UsageRow]) -> None:
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, key_id, hour, currency) "
+                "DO UPDATE SET requests = requests + excluded.requests, prompt = prompt + excluded.prompt, "
+                "completion = completion + excluded.completion, cached = cached + excluded.cached, "
+                "spend = spend + excluded.spend",
+                [
+                    (
+                        r.tenant,
+                        r.key_id,
+                        r.hour,
+                        r.currency,
+                        r.requests,
+                        r.prompt_tokens,
+                        r.completion_tokens,
+                        r.cached_tokens,
+                        r.spend,
+                    )
+                    for r in rows
+                ],
+            )
+
+    async def usage(self, tenant_id: str, first_hour: int, last_hour: int, key_id: str | None = None) -> list[UsageRow]:
+        query = "SELECT * FROM usage WHERE tenant = ? AND hour BETWEEN ? AND ?"
+        args: list[object] = [tenant_id, first_hour, last_hour]
+        if key_id is not None:
+            query += " AND key_id = ?"
+            args.append(key_id)
+        return [
+            UsageRow(
+                tenant=t,
+                key_id=k,
+                hour=h,
+                currency=c,
+                requests=n,
+                prompt_tokens=p,
+                completion_tokens=o,
+                cached_tokens=ca,
+                spend=sp,
+            )
+            for t, k, h, c, n, p, o, ca, sp in self._db.execute(query, args).fetchall()
+        ]
 
     async def get_or_set_meta(self, name: str, value: str) -> str:
         self._db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)", (name, value))
