@@ -96,6 +96,45 @@ class Outcome:
     downgraded_from: str | None = None
 
 
+@dataclass(slots=True, frozen=True)
+class _Call:
+    """One dispatched request: what the forwarding stage needs, and how to describe its outcome."""
+
+    request_id: str
+    principal: Principal
+    model: ModelConfig
+    backend: Backend
+    request: ParsedRequest
+    payload: bytes
+    started: float
+    response_headers: list[tuple[bytes, bytes]]
+
+    def outcome(
+        self,
+        *,
+        stream: bool,
+        status: int,
+        usage: Usage,
+        partial: bool,
+        finish_reason: str | None = None,
+        ttft_s: float | None = None,
+    ) -> Outcome:
+        return Outcome(
+            request_id=self.request_id,
+            principal=self.principal,
+            model=self.model.name,
+            backend=self.backend.name,
+            endpoint=self.request.endpoint,
+            stream=stream,
+            status=status,
+            usage=usage,
+            partial=partial,
+            finish_reason=finish_reason,
+            duration_s=time.perf_counter() - self.started,
+            ttft_s=ttft_s,
+        )
+
+
 class InferenceHandler:
     def __init__(
         self,
@@ -175,14 +214,8 @@ class InferenceHandler:
         self._metrics.child(self._metrics.inflight, tenant_label).inc()
         try:
             payload = self._rewrite(request, principal, model, backend, cache_scope)
-            if request.stream:
-                outcome = await self._stream(
-                    scope, receive, send, request, principal, model, backend, payload, request_id, started, headers
-                )
-            else:
-                outcome = await self._unary(
-                    send, request, principal, model, backend, payload, request_id, started, headers
-                )
+            call = _Call(request_id, principal, model, backend, request, payload, started, headers)
+            outcome = await (self._stream(receive, send, call) if request.stream else self._unary(send, call))
             outcome.downgraded_from = downgraded_from
             self._record(outcome)
             if progress.span is not None:
@@ -296,18 +329,9 @@ class InferenceHandler:
             b'"model":' + orjson.dumps(model.name),
         )
 
-    async def _unary(
-        self,
-        send: Send,
-        request: ParsedRequest,
-        principal: Principal,
-        model: ModelConfig,
-        backend: Backend,
-        payload: bytes,
-        request_id: str,
-        started: float,
-        response_headers: list[tuple[bytes, bytes]],
-    ) -> Outcome:
+    async def _unary(self, send: Send, call: _Call) -> Outcome:
+        request, model, backend, payload = call.request, call.model, call.backend, call.payload
+        request_id, started, response_headers = call.request_id, call.started, call.response_headers
         headers = backend_headers(backend, request_id, self._backend_keys.get(backend.name))
         pool = self._pools[backend.name]
         try:
@@ -317,22 +341,7 @@ class InferenceHandler:
                     data = await resp.read()
         except httpclient.UpstreamError as exc:
             self._metrics.upstream_errors.labels(backend.name, type(exc).__name__).inc()
-            self._record(
-                Outcome(
-                    request_id=request_id,
-                    principal=principal,
-                    model=model.name,
-                    backend=backend.name,
-                    endpoint=request.endpoint,
-                    stream=False,
-                    status=502,
-                    usage=Usage(),
-                    partial=True,
-                    finish_reason=None,
-                    duration_s=time.perf_counter() - started,
-                    ttft_s=None,
-                )
-            )
+            self._record(call.outcome(stream=False, status=502, usage=Usage(), partial=True))
             raise UpstreamError(UPSTREAM_FAILED) from None
         self._metrics.child(self._metrics.upstream_latency, backend.name).observe(time.perf_counter() - started)
         usage = Usage()
@@ -352,35 +361,11 @@ class InferenceHandler:
                 usage = usage_from(parsed) or Usage()
                 finish_reason = _first_finish_reason(parsed)
             await send_response(send, status, data, response_headers)
-        return Outcome(
-            request_id=request_id,
-            principal=principal,
-            model=model.name,
-            backend=backend.name,
-            endpoint=request.endpoint,
-            stream=False,
-            status=status,
-            usage=usage,
-            partial=False,
-            finish_reason=finish_reason,
-            duration_s=time.perf_counter() - started,
-            ttft_s=None,
-        )
+        return call.outcome(stream=False, status=status, usage=usage, partial=False, finish_reason=finish_reason)
 
-    async def _stream(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        request: ParsedRequest,
-        principal: Principal,
-        model: ModelConfig,
-        backend: Backend,
-        payload: bytes,
-        request_id: str,
-        started: float,
-        response_headers: list[tuple[bytes, bytes]],
-    ) -> Outcome:
+    async def _stream(self, receive: Receive, send: Send, call: _Call) -> Outcome:
+        request, model, backend, payload = call.request, call.model, call.backend, call.payload
+        request_id, started, response_headers = call.request_id, call.started, call.response_headers
         headers = backend_headers(backend, request_id, self._backend_keys.get(backend.name))
         swap_from, swap_to = self._model_swap(model)
         relay = Relay(send, client_wants_usage=request.client_wants_usage, model_from=swap_from, model_to=swap_to)
@@ -430,9 +415,7 @@ class InferenceHandler:
                 error = ServiceUnavailableError("The gateway is shutting down; the answer is incomplete.")
                 with contextlib.suppress(Exception):
                     await send({"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n"})
-            self._record(
-                self._stream_outcome(request_id, principal, model, backend, request, 503, relay, started, partial=True)
-            )
+            self._record(self._stream_outcome(call, 503, relay, partial=True))
             raise
         client_gone = task not in done
         if client_gone:
@@ -446,9 +429,7 @@ class InferenceHandler:
             exc = task.exception()
             if isinstance(exc, GatewayError) and not started_response:
                 # Nothing was sent yet: the app answers with a normal error response.
-                outcome = self._stream_outcome(
-                    request_id, principal, model, backend, request, exc.status, relay, started, partial=False
-                )
+                outcome = self._stream_outcome(call, exc.status, relay, partial=False)
                 self._record(outcome)
                 raise exc
             if exc is not None:
@@ -457,40 +438,21 @@ class InferenceHandler:
         partial = client_gone or out.failed
         if partial and status == 200:
             status = 502
-        return self._stream_outcome(
-            request_id, principal, model, backend, request, status, relay, started, partial=partial
-        )
+        return self._stream_outcome(call, status, relay, partial=partial)
 
-    def _stream_outcome(
-        self,
-        request_id: str,
-        principal: Principal,
-        model: ModelConfig,
-        backend: Backend,
-        request: ParsedRequest,
-        status: int,
-        relay: Relay,
-        started: float,
-        *,
-        partial: bool,
-    ) -> Outcome:
+    @staticmethod
+    def _stream_outcome(call: _Call, status: int, relay: Relay, *, partial: bool) -> Outcome:
         out = relay.outcome
         usage = out.usage
         if not out.usage_seen:
             # Interrupted before the backend's usage chunk: bill what was relayed (one token per chunk).
             usage = Usage(prompt_tokens=0, completion_tokens=out.content_chunks, cached_tokens=0)
-        return Outcome(
-            request_id=request_id,
-            principal=principal,
-            model=model.name,
-            backend=backend.name,
-            endpoint=request.endpoint,
+        return call.outcome(
             stream=True,
             status=status,
             usage=usage,
             partial=partial,
             finish_reason=out.finish_reason,
-            duration_s=time.perf_counter() - started,
             ttft_s=out.first_chunk_at,
         )
 

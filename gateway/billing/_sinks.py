@@ -10,7 +10,6 @@ Errors of the layer below (OSError, redis, aiohttp) become `SinkError` here, at 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import os
 import random
@@ -25,6 +24,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.billing._event import Record
+from gateway.billing._spool import append_durably
 from gateway.config import ConfigError, Settings, SinkConfig
 
 __all__ = ["JsonlSink", "RedisStreamSink", "Sink", "SinkError", "WebhookSink", "open_sink"]
@@ -89,16 +89,7 @@ class JsonlSink:
         # write be cut back without cutting another process's lines.
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            size = os.fstat(fd).st_size
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, size)
-                raise
+            append_durably(fd, data, os.fstat(fd).st_size)
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 

@@ -279,18 +279,24 @@ def _load(path: Path) -> _Segment | None:
     return segment
 
 
-def _write(path: Path, data: bytes, size: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+def append_durably(fd: int, data: bytes, size: int) -> None:
+    """Append all of `data` and fsync; on failure cut the file back to `size`, so no torn line is left
+    for the next append to glue onto."""
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
     except OSError:
-        # Leave no torn line behind for the next append to glue onto.
         with contextlib.suppress(OSError):
             os.ftruncate(fd, size)
         raise
+
+
+def _write(path: Path, data: bytes, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        append_durably(fd, data, size)
     finally:
         os.close(fd)
 
