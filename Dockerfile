@@ -6,8 +6,9 @@ FROM python:3.11.14-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 # Every dependency ships as a wheel with its hash in the lock: nothing is compiled, nothing floats.
-COPY requirements/runtime.lock requirements/runtime.lock
+COPY requirements/pip.lock requirements/runtime.lock requirements/
 RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --require-hashes --only-binary=:all: -r requirements/pip.lock \
  && /opt/venv/bin/pip install --require-hashes --only-binary=:all: -r requirements/runtime.lock
 COPY pyproject.toml README.md ./
 COPY gateway gateway
