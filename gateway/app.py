@@ -33,7 +33,7 @@ from gateway.billing import Billing
 from gateway.config import ConfigError, Settings
 from gateway.errors import AuthenticationError, GatewayError, NotFoundError
 from gateway.keys import hash_key, hashes_equal
-from gateway.limits import FailoverQuotaStore, LocalQuotaStore, QuotaStore, RedisQuotaStore, fast_fail_client
+from gateway.limits import FailoverQuotaStore, LocalQuotaStore, PipelinedRedis, QuotaStore, RedisQuotaStore
 from gateway.metrics import Metrics
 from gateway.propagation import ChangeListener
 from gateway.proxy import InferenceHandler
@@ -148,7 +148,7 @@ class GatewayApp:
         salts = SaltDeriver(salt_secret)
         if self.tracing is None:
             self.tracing = Tracing.from_environment()
-        quotas = self._quota_store(settings)
+        quotas, quota_client = self._quota_store(settings)
         admission = Admission(settings, quotas, self.metrics, settings.workers)
         self._pools = self._make_pools(settings, {})
         handler = InferenceHandler(
@@ -167,6 +167,8 @@ class GatewayApp:
         admin = create_admin_app(AdminContext(settings, store, authenticator, self.metrics, ledger))
         self._running = _Running(store, session, handler, authenticator, admin, billing, salts, admission, ledger)
         self._running.closers.append(quotas.close)
+        if quota_client is not None:
+            self._running.closers.append(quota_client.aclose)
         await self.backends.check_all(session)
         self._running.tasks.append(asyncio.create_task(self._health_loop(session)))
         if redis_client is not None:
@@ -212,9 +214,9 @@ class GatewayApp:
         if given is None or not hashes_equal(hash_key(given), hash_key(token)):
             raise AuthenticationError("The metrics endpoint needs 'Authorization: Bearer <metrics token>'.")
 
-    def _quota_store(self, settings: Settings) -> QuotaStore:
+    def _quota_store(self, settings: Settings) -> tuple[QuotaStore, PipelinedRedis | None]:
         if not settings.redis_url:
-            return LocalQuotaStore()
+            return LocalQuotaStore(), None
         metrics = self.metrics
         mode = settings.redis_failure_mode
 
@@ -227,10 +229,12 @@ class GatewayApp:
                 log.info("Redis is back: rate limits are shared again")
 
         metrics.redis_degraded.labels(mode).set(0)
-        client = fast_fail_client(settings.redis_url, timeout_s=settings.redis_timeout_s)
-        return FailoverQuotaStore(
+        # The admission path's own client (two scripts per request): pipelined, see gateway/limits/_resp.py.
+        client = PipelinedRedis.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        store = FailoverQuotaStore(
             RedisQuotaStore(client), LocalQuotaStore(), mode=mode, replicas=settings.replicas, on_change=on_change
         )
+        return store, client
 
     def _on_sighup(self) -> None:
         task = asyncio.create_task(self.reload_from_source())

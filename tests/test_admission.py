@@ -195,6 +195,32 @@ def test_concurrency_cap_and_release(gw: GatewayProc) -> None:
     assert post(gw, key).status_code == 200  # the lease came back
 
 
+def test_a_stream_longer_than_the_lease_ttl_keeps_its_concurrency_slot(
+    sim: SimHandle, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # Leases expire after 1.5 s unless renewed; the stream runs about 4 s (2 ms per token).
+    proc = start_gateway({**base_config(sim, redis_server, tmp_path), "lease_ttl_s": 1.5}, tmp_path)
+    try:
+        key = tenant_with_key(proc.url, proc.admin_key, "long-stream", limits={"max_concurrency": 1})
+        body = {"model": "big", "messages": MSG, "max_tokens": 2000, "stream": True}
+        statuses = []
+        with httpx.stream(
+            "POST", proc.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+        ) as resp:
+            lines = resp.iter_lines()
+            next(lines)
+            started = time.monotonic()
+            while time.monotonic() - started < 3.0:  # twice the TTL: renewed, never expired
+                statuses.append(post(proc, key).status_code)
+                time.sleep(0.25)
+            for _ in lines:
+                pass
+        assert statuses and set(statuses) == {429}
+        assert post(proc, key).status_code == 200  # released when the stream ended
+    finally:
+        proc.stop()
+
+
 def test_noisy_neighbour_gets_429s_quiet_tenant_none(gw: GatewayProc) -> None:
     noisy = tenant_with_key(gw.url, gw.admin_key, "noisy", limits={"rpm": 10})
     quiet = tenant_with_key(gw.url, gw.admin_key, "quiet", limits={"rpm": 20})

@@ -21,12 +21,14 @@ from gateway.limits import (
     FailureMode,
     LocalQuotaStore,
     Period,
+    PipelinedRedis,
     QuotaBackendError,
     QuotaLimits,
     QuotaStore,
     RedisQuotaStore,
     Reservation,
     Scope,
+    ScriptClient,
     fast_fail_client,
     period_window,
 )
@@ -65,7 +67,21 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-@pytest.fixture(params=["local", "redis"])
+def script_client(kind: str, url: str, timeout_s: float) -> ScriptClient:
+    """The gateway's own pipelined client ("redis"), or redis-py's ("redis-py"): the store takes either."""
+    if kind == "redis":
+        return PipelinedRedis.from_url(url, timeout_s=timeout_s)
+    return fast_fail_client(url, timeout_s=timeout_s)
+
+
+@pytest.fixture
+async def pipelined(redis_server: RedisServer) -> AsyncIterator[PipelinedRedis]:
+    client = PipelinedRedis.from_url(redis_server.url, timeout_s=2.0)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(params=["local", "redis", "redis-py"])
 async def store(
     request: pytest.FixtureRequest, clock: FakeClock, redis_server: RedisServer
 ) -> AsyncIterator[QuotaStore]:
@@ -74,9 +90,9 @@ async def store(
         yield local
         await local.close()
         return
-    client = fast_fail_client(redis_server.url, timeout_s=2.0)
+    client = script_client(request.param, redis_server.url, 2.0)
     yield RedisQuotaStore(client, clock=clock)
-    await client.aclose()
+    await client.aclose()  # type: ignore[attr-defined]  # both clients have it
 
 
 def scope(name: str = "tenant:t", **limits: object) -> list[Scope]:
@@ -366,9 +382,9 @@ async def test_bad_requests_are_refused_before_touching_state(store: QuotaStore)
 
 
 async def test_redis_keys_share_the_tenant_hash_tag_and_all_expire(
-    redis_client: Redis, tenant: str, clock: FakeClock
+    redis_client: Redis, pipelined: PipelinedRedis, tenant: str, clock: FakeClock
 ) -> None:
-    store = RedisQuotaStore(redis_client, clock=clock)
+    store = RedisQuotaStore(pipelined, clock=clock)
     limits = QuotaLimits(rpm=10, tpm=1000, max_concurrency=4, max_inflight_tokens=5000, budget_amount=5.0)
     scopes = [Scope(f"tenant:{tenant}", limits), Scope("key:k1", limits)]
     settled = held(await store.admit(tenant, scopes, tokens=100, cost=0.1, lease_ttl_s=30))
@@ -393,9 +409,9 @@ async def test_redis_keys_share_the_tenant_hash_tag_and_all_expire(
 
 
 async def test_redis_state_written_by_settle_alone_still_expires(
-    redis_client: Redis, tenant: str, clock: FakeClock
+    redis_client: Redis, pipelined: PipelinedRedis, tenant: str, clock: FakeClock
 ) -> None:
-    store = RedisQuotaStore(redis_client, clock=clock)
+    store = RedisQuotaStore(pipelined, clock=clock)
     scopes = [Scope("tenant:t", QuotaLimits()), Scope("key:k", QuotaLimits(tpm=600))]
     r = held(await store.admit(tenant, scopes, tokens=60, cost=0.0))
     state = f"gw:{{{tenant}}}:state:key:k"
@@ -408,8 +424,9 @@ async def test_redis_scripts_are_loaded_once_and_reloaded_after_a_flush(tmp_path
     server = RedisServer(tmp_path)
     server.start()
     client = fast_fail_client(server.url, timeout_s=2.0)
+    pipelined = PipelinedRedis.from_url(server.url, timeout_s=2.0)
     try:
-        store = RedisQuotaStore(client)  # the server's own clock
+        store = RedisQuotaStore(pipelined)  # the server's own clock
         s = scope(rpm=1000, tpm=100_000)
         for _ in range(10):
             await store.settle(held(await admit(store, tenant, s, tokens=10)), actual_tokens=5, actual_cost=0.0)
@@ -423,12 +440,15 @@ async def test_redis_scripts_are_loaded_once_and_reloaded_after_a_flush(tmp_path
         stats = await client.info("commandstats")
         assert stats["cmdstat_script|load"]["calls"] == 4
     finally:
+        await pipelined.aclose()
         await client.aclose()
         server.kill()
 
 
-async def test_lua_and_python_agree_on_budget_periods(redis_client: Redis, clock: FakeClock) -> None:
-    store = RedisQuotaStore(redis_client, clock=clock)
+async def test_lua_and_python_agree_on_budget_periods(
+    redis_client: Redis, pipelined: PipelinedRedis, clock: FakeClock
+) -> None:
+    store = RedisQuotaStore(pipelined, clock=clock)
     instants = [
         START,
         1_798_761_599.0,  # 2026-12-31 23:59:59, Thursday: 2026-W53
@@ -465,15 +485,15 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.kill()
 
 
-@pytest.fixture
-async def own_client(own_redis: RedisServer) -> AsyncIterator[Redis]:
-    client = fast_fail_client(own_redis.url, timeout_s=0.25)
+@pytest.fixture(params=["redis", "redis-py"])
+async def own_client(request: pytest.FixtureRequest, own_redis: RedisServer) -> AsyncIterator[ScriptClient]:
+    client = script_client(request.param, own_redis.url, 0.25)
     yield client
-    await client.aclose()
+    await client.aclose()  # type: ignore[attr-defined]  # both clients have it
 
 
 async def test_a_dead_redis_fails_fast_with_quota_backend_error(
-    own_redis: RedisServer, own_client: Redis, tenant: str
+    own_redis: RedisServer, own_client: ScriptClient, tenant: str
 ) -> None:
     store = RedisQuotaStore(own_client)
     r = held(await admit(store, tenant, scope(rpm=10)))
@@ -487,7 +507,7 @@ async def test_a_dead_redis_fails_fast_with_quota_backend_error(
 
 
 async def test_a_hung_redis_fails_with_quota_backend_error_after_the_socket_timeout(
-    own_redis: RedisServer, own_client: Redis, tenant: str
+    own_redis: RedisServer, own_client: ScriptClient, tenant: str
 ) -> None:
     store = RedisQuotaStore(own_client)
     held(await admit(store, tenant, scope(rpm=10)))
@@ -501,7 +521,7 @@ async def test_a_hung_redis_fails_with_quota_backend_error_after_the_socket_time
 
 
 async def test_failover_runs_on_local_shares_and_recovers(
-    own_redis: RedisServer, own_client: Redis, tenant: str, clock: FakeClock
+    own_redis: RedisServer, own_client: ScriptClient, tenant: str, clock: FakeClock
 ) -> None:
     changes: list[bool] = []
     store = FailoverQuotaStore(
@@ -535,7 +555,7 @@ async def test_failover_runs_on_local_shares_and_recovers(
 
 @pytest.mark.parametrize("mode", ["open", "closed"])
 async def test_failover_fails_open_or_closed(
-    own_redis: RedisServer, own_client: Redis, tenant: str, clock: FakeClock, mode: FailureMode
+    own_redis: RedisServer, own_client: ScriptClient, tenant: str, clock: FakeClock, mode: FailureMode
 ) -> None:
     store = FailoverQuotaStore(
         RedisQuotaStore(own_client, clock=clock),

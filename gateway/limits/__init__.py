@@ -2,6 +2,7 @@
 
 QuotaStore (protocol)       admit -> Decision (+ Reservation), settle, renew, close
 ├── RedisQuotaStore         shared by every replica: one Lua script per call, keys hash-tagged by tenant
+│                           (over PipelinedRedis: one pipelined connection, hiredis in C)
 ├── LocalQuotaStore         the same semantics in one process (embedded mode, fallback)
 └── FailoverQuotaStore      Redis first; while it is down: local shares, fail open, or fail closed
 
@@ -12,7 +13,8 @@ from gateway.limits._failover import FailoverQuotaStore, FailureMode
 from gateway.limits._local import LocalQuotaStore
 from gateway.limits._period import period_window
 from gateway.limits._protocol import QuotaStore
-from gateway.limits._redis import RedisQuotaStore, fast_fail_client
+from gateway.limits._redis import RedisQuotaStore, ScriptClient, fast_fail_client
+from gateway.limits._resp import PipelinedRedis
 from gateway.limits._types import (
     Decision,
     LimitName,
@@ -31,6 +33,7 @@ __all__ = [
     "LimitName",
     "LocalQuotaStore",
     "Period",
+    "PipelinedRedis",
     "QuotaBackendError",
     "QuotaLimits",
     "QuotaStore",
@@ -38,6 +41,7 @@ __all__ = [
     "RedisQuotaStore",
     "Reservation",
     "Scope",
+    "ScriptClient",
     "fast_fail_client",
     "period_window",
 ]

@@ -13,8 +13,9 @@ their period ends. Scripts (lua/*.lua) are sent by EVALSHA; a NOSCRIPT answer (f
 or failed-over server) loads them once and retries. Production uses the Redis server's clock (`TIME`),
 so replicas' clocks do not matter; `clock` exists for tests, which drive time exactly.
 
-Errors of redis-py become `QuotaBackendError` here, at once: this store never retries, so how fast a
-failure surfaces is the client's socket timeouts (see `fast_fail_client`). A call that fails or is
+The client is `PipelinedRedis` (`_resp.py`: one pipelined connection, a fraction of redis-py's asyncio
+client's cost per call) or any redis-py client. Errors of either become `QuotaBackendError` here, at once:
+this store never retries, so how fast a failure surfaces is the client's timeout. A call that fails or is
 cancelled after the script ran may have reserved: its leases expire after their TTL.
 """
 
@@ -25,9 +26,9 @@ import secrets
 from collections.abc import Callable, Sequence
 from functools import cache
 from importlib import resources
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
@@ -43,7 +44,16 @@ from gateway.limits._types import (
     check_usage,
 )
 
-__all__ = ["RedisQuotaStore", "fast_fail_client"]
+__all__ = ["RedisQuotaStore", "ScriptClient", "fast_fail_client"]
+
+
+class ScriptClient(Protocol):
+    """What the store needs of a Redis client: `gateway.limits.PipelinedRedis` in production, or redis-py's
+    `Redis`/`RedisCluster`. Failures are redis-py's exception classes either way."""
+
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any: ...
+
+    async def script_load(self, script: str) -> Any: ...
 
 
 def fast_fail_client(url: str, *, timeout_s: float = 0.25, **kwargs: Any) -> Redis:
@@ -74,7 +84,7 @@ class _Script:
         self.source = _source(name)
         self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
 
-    async def __call__(self, client: Redis | RedisCluster, keys: list[str], args: list[str | int | float]) -> Any:
+    async def __call__(self, client: ScriptClient, keys: list[str], args: list[str | int | float]) -> Any:
         try:
             try:
                 return await client.evalsha(self.sha, len(keys), *keys, *args)
@@ -108,9 +118,10 @@ def _seconds(value: Any) -> float | None:
 
 class RedisQuotaStore:
     def __init__(
-        self, client: Redis | RedisCluster, *, key_prefix: str = "gw", clock: Callable[[], float] | None = None
+        self, client: ScriptClient, *, key_prefix: str = "gw", clock: Callable[[], float] | None = None
     ) -> None:
-        """`client` belongs to the caller (create it with `fast_fail_client`); `close()` leaves it open.
+        """`client` belongs to the caller (`PipelinedRedis`, or redis-py's from `fast_fail_client`); `close()`
+        leaves it open.
 
         `clock` is for tests only: its time replaces the server's `TIME` inside the scripts.
         """

@@ -25,7 +25,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, *, appendonly: bool = False) -> None:
+    def start(self, *, appendonly: bool = False, extra: tuple[str, ...] = ()) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [
             self.binary,
@@ -41,6 +41,7 @@ class RedisServer:
             str(self.workdir),
             "--logfile",
             str(self.workdir / "redis.log"),
+            *extra,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
@@ -48,7 +49,8 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    # A server with a password answers NOAUTH: it is up all the same.
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                         return
             except OSError:
                 time.sleep(0.02)
