@@ -50,6 +50,12 @@ class LimitsConfig(_Frozen):
     # Upstream timeouts: connecting, and waiting for the first byte / between bytes of a stream.
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=300.0, gt=0)
+    # Clients: the whole request head within this of its first byte, the whole body within this of the
+    # head (408 otherwise), idle keep-alive connections closed after this; heads larger than this get 431.
+    client_header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    client_body_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    keep_alive_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
 
 
 class BackendConfig(_Frozen):
@@ -118,6 +124,8 @@ class SinkConfig(_Frozen):
     retries: int = Field(default=3, ge=0, le=20)
     # Events per delivery, and events held in memory before the excess goes to the spool.
     batch_max: int = Field(default=500, ge=1, le=100_000)
+    # How long a batch may gather before it is delivered (fewer, larger writes under load).
+    linger_s: float = Field(default=0.02, ge=0, le=10)
     buffer_max: int = Field(default=10_000, ge=1)
     # While the sink is down, the next try (which replays the spool) waits this long, doubling up to the max.
     backoff_initial_s: float = Field(default=0.5, gt=0, le=600)

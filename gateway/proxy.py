@@ -94,6 +94,8 @@ class Outcome:
     duration_s: float
     ttft_s: float | None
     downgraded_from: str | None = None
+    # Priced from the usage when recorded.
+    cost: float = 0.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -222,9 +224,11 @@ class InferenceHandler:
                 Tracing.finish(progress.span, outcome.status, outcome.usage, outcome.finish_reason)
         finally:
             self._metrics.child(self._metrics.inflight, tenant_label).dec()
-            usage = outcome.usage if outcome is not None else Usage()
-            cost, _ = self._billing.cost(model.name, usage.prompt_tokens, usage.completion_tokens)
-            await self._admission.finish(admitted, usage.prompt_tokens, usage.completion_tokens, cost)
+            if outcome is None:
+                await self._admission.finish(admitted, 0, 0, 0.0)
+            else:
+                usage = outcome.usage
+                await self._admission.finish(admitted, usage.prompt_tokens, usage.completion_tokens, outcome.cost)
 
     async def _admit(
         self,
@@ -471,6 +475,7 @@ class InferenceHandler:
         if usage.cached_tokens:
             m.child(m.tokens, tenant, outcome.model, "cached").inc(usage.cached_tokens)
         cost, currency = self._billing.cost(outcome.model, usage.prompt_tokens, usage.completion_tokens)
+        outcome.cost = cost
         if cost:
             m.child(m.spend, tenant, currency).inc(cost)
         self._ledger.record(

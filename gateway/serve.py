@@ -20,6 +20,7 @@ from uvicorn.supervisors import Multiprocess
 
 from gateway.app import GatewayApp, create_app
 from gateway.config import Settings, load_settings
+from gateway.server import HttpLimits, HttpProtocol
 
 __all__ = ["GracefulServer", "configure_logging", "run", "worker_app"]
 
@@ -34,18 +35,32 @@ def configure_logging(level: str) -> None:
     )
 
 
+def configure_http(settings: Settings) -> None:
+    """The client deadlines and sizes of this process's HTTP protocol (each worker calls it too)."""
+    limits = settings.limits
+    HttpLimits.header_timeout_s = limits.client_header_timeout_s
+    HttpLimits.body_timeout_s = limits.client_body_timeout_s
+    HttpLimits.keep_alive_s = limits.keep_alive_timeout_s
+    HttpLimits.max_header_bytes = limits.max_header_bytes
+
+
 def uvicorn_config(app: object, settings: Settings, host: str, port: int, workers: int = 1) -> uvicorn.Config:
+    configure_http(settings)
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,
         port=port,
         workers=workers,
-        http="httptools",
+        # Our own HTTP/1.1 protocol (gateway/server.py); uvicorn runs the processes, sockets and lifespan.
+        http=HttpProtocol,
         loop="uvloop",
+        server_header=False,
         lifespan="on",
         access_log=False,
+        # The gateway reads no client address; uvicorn would wrap every request in a middleware for it.
+        proxy_headers=False,
         log_level="warning",
-        timeout_keep_alive=30,
+        timeout_keep_alive=int(settings.limits.keep_alive_timeout_s),
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # a float works
         factory=workers > 1,
     )
@@ -109,4 +124,5 @@ def worker_app() -> GatewayApp:
     """The app factory each worker process calls (`--workers N`)."""
     settings = load_settings(os.environ.get("GATEWAY_CONFIG"))
     configure_logging(settings.log_level)
+    configure_http(settings)
     return create_app(settings)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -146,15 +146,21 @@ class Principal:
 
     tenant: Tenant
     key: KeyRecord
+    _allowed: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def tenant_id(self) -> str:
         return self.tenant.id
 
     def may_use(self, model: str) -> bool:
-        if not model_allowed(self.tenant.models, model):
-            return False
-        return self.key.models is None or model_allowed(self.key.models, model)
+        allowed = self._allowed.get(model)
+        if allowed is None:
+            allowed = model_allowed(self.tenant.models, model) and (
+                self.key.models is None or model_allowed(self.key.models, model)
+            )
+            if len(self._allowed) < 256:  # a memo (principals are cached and immutable), bounded
+                self._allowed[model] = allowed
+        return allowed
 
     def cache_scope(self) -> str | None:
         """The prefix-cache scope string, or None for the trusted global tier (no salt)."""

@@ -46,6 +46,7 @@ class Lane:
         self.buffer: deque[Record] = deque()
         self.in_flight = 0
         self._batch_max = config.batch_max
+        self._linger_s = config.linger_s
         self._buffer_max = config.buffer_max
         self._backoff_initial = config.backoff_initial_s
         self._backoff_max = config.backoff_max_s
@@ -139,6 +140,9 @@ class Lane:
                 elif self.spool.pending:
                     await self._replay()
                 else:
+                    if self._linger_s and len(self.buffer) < self._batch_max and not self._closing:
+                        # Let a batch gather: under load, one delivery per linger rather than one per event.
+                        await asyncio.sleep(self._linger_s)
                     await self._deliver()
             except Exception:  # a bug here must not end billing: log it, back off, carry on
                 log.exception("billing sink %s: unexpected error in the delivery loop", self.name)

@@ -1,0 +1,308 @@
+"""The gateway's own HTTP/1.1 server protocol over raw sockets: keep-alive, pipelining, chunked bodies,
+`Expect: 100-continue`, HEAD, and what it does to slow or oversized clients (408, 431, 400), with the
+gateway a real process on loopback and the simulator behind it."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.admin import tenant_with_key
+from tests.support.gateway import GatewayProc, start_gateway
+from tests.support.sim import SimHandle, start_sim
+
+BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
+    handle = start_sim("--ttft-ms", "0", "--itl-ms", "0", log_dir=tmp_path_factory.mktemp("sim-srv"))
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(sim: SimHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
+    config = {
+        "backends": [{"name": "sim", "kind": "vllm", "url": sim.url}],
+        "models": [{"name": "m", "backends": ["sim"]}],
+        "limits": {
+            "client_header_timeout_s": 1.0,
+            "client_body_timeout_s": 1.5,
+            "keep_alive_timeout_s": 2.0,
+            "max_header_bytes": 8192,
+        },
+    }
+    proc = start_gateway(config, tmp_path_factory.mktemp("gw-srv"))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def key(gw: GatewayProc) -> str:
+    return tenant_with_key(gw.url, gw.admin_key, "raw")
+
+
+def connect(gw: GatewayProc) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def read_response(sock: socket.socket, buffered: bytearray | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One response (content-length or chunked) from `sock`; leftover bytes stay in `buffered`."""
+    buf = buffered if buffered is not None else bytearray()
+
+    def fill() -> None:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        buf.extend(chunk)
+
+    while b"\r\n\r\n" not in buf:
+        fill()
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    buf[:] = rest
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    if status == 100:
+        return status, headers, b""
+    if "content-length" in headers:
+        length = int(headers["content-length"])
+        while len(buf) < length:
+            fill()
+        body = bytes(buf[:length])
+        buf[:] = buf[length:]
+        return status, headers, body
+    body = bytearray()
+    while True:
+        while b"\r\n" not in buf:
+            fill()
+        size_line, _, rest = bytes(buf).partition(b"\r\n")
+        size = int(size_line, 16)
+        buf[:] = rest
+        while len(buf) < size + 2:
+            fill()
+        body += buf[:size]
+        buf[:] = buf[size + 2 :]
+        if size == 0:
+            return status, headers, bytes(body)
+
+
+def closed_by_peer(sock: socket.socket, within_s: float) -> bool:
+    sock.settimeout(within_s)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+    return True
+
+
+def post(key: str, body: bytes = BODY, extra: bytes = b"") -> bytes:
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        + b"Authorization: Bearer "
+        + key.encode()
+        + b"\r\nContent-Length: %d\r\n" % len(body)
+        + extra
+        + b"\r\n"
+        + body
+    )
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(gw: GatewayProc, key: str) -> None:
+    with connect(gw) as sock:
+        for _ in range(5):
+            sock.sendall(post(key))
+            status, headers, body = read_response(sock)
+            assert status == 200, body
+            assert headers["content-length"] == str(len(body))
+            assert json.loads(body)["object"] == "chat.completion"
+            assert headers["x-request-id"].startswith("req_")
+            assert "date" in headers and "server" not in headers
+
+
+def test_pipelined_requests_are_answered_in_order(gw: GatewayProc, key: str) -> None:
+    with connect(gw) as sock:
+        sock.sendall(
+            b"GET /livez HTTP/1.1\r\nHost: gw\r\n\r\n" + post(key) + b"GET /readyz HTTP/1.1\r\nHost: gw\r\n\r\n"
+        )
+        buf = bytearray()
+        first, second, third = (read_response(sock, buf) for _ in range(3))
+        assert first[0] == 200 and json.loads(first[2]) == {"status": "ok"}
+        assert second[0] == 200 and json.loads(second[2])["object"] == "chat.completion"
+        assert third[0] == 200 and json.loads(third[2]) == {"status": "ready"}
+
+
+def test_chunked_request_body(gw: GatewayProc, key: str) -> None:
+    half = len(BODY) // 2
+    chunked = b"%x\r\n%b\r\n%x\r\n%b\r\n0\r\n\r\n" % (half, BODY[:half], len(BODY) - half, BODY[half:])
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n"
+        b"Authorization: Bearer " + key.encode() + b"\r\n\r\n"
+    )
+    with connect(gw) as sock:
+        sock.sendall(head + chunked)
+        status, _, body = read_response(sock)
+        assert status == 200, body
+
+
+def test_expect_100_continue(gw: GatewayProc, key: str) -> None:
+    request = post(key, extra=b"Expect: 100-continue\r\n")
+    head, _, body = request.partition(b"\r\n\r\n")
+    with connect(gw) as sock:
+        sock.sendall(head + b"\r\n\r\n")
+        buf = bytearray()
+        status, _, _ = read_response(sock, buf)
+        assert status == 100  # asked for before the body was sent
+        sock.sendall(body)
+        status, _, answer = read_response(sock, buf)
+        assert status == 200, answer
+
+
+def test_a_refusal_before_the_body_is_read_does_not_wait_for_it(gw: GatewayProc) -> None:
+    # No key: the gateway answers 401 at once, without a 100 Continue, and closes (the body never came).
+    request = post("sk-gw-" + "x" * 43, extra=b"Expect: 100-continue\r\n")
+    head, _, _ = request.partition(b"\r\n\r\n")
+    with connect(gw) as sock:
+        sock.sendall(head + b"\r\n\r\n")
+        status, headers, body = read_response(sock)
+        assert status == 401, body
+        assert json.loads(body)["error"]["code"] == "invalid_api_key"
+        assert headers.get("connection") == "close" or closed_by_peer(sock, 2)
+
+
+def test_head_has_no_body(gw: GatewayProc) -> None:
+    with connect(gw) as sock:
+        sock.sendall(b"HEAD /livez HTTP/1.1\r\nHost: gw\r\n\r\nGET /livez HTTP/1.1\r\nHost: gw\r\n\r\n")
+        data = b""
+        deadline = time.monotonic() + 5
+        while data.count(b"HTTP/1.1 200") < 2 and time.monotonic() < deadline:
+            data += sock.recv(65536)
+        first, _, second = data.partition(b"\r\n\r\n")
+        assert b"content-length: 15" in first
+        assert second.startswith(b"HTTP/1.1 200")  # nothing between the HEAD answer and the next one
+
+
+def test_http_1_0_closes_after_the_answer(gw: GatewayProc) -> None:
+    with connect(gw) as sock:
+        sock.sendall(b"GET /livez HTTP/1.0\r\n\r\n")
+        status, headers, _ = read_response(sock)
+        assert status == 200 and headers["connection"] == "close"
+        assert closed_by_peer(sock, 2)
+
+
+def test_a_head_never_finished_gets_408_and_the_connection_is_closed(gw: GatewayProc, key: str) -> None:
+    with connect(gw) as sock:
+        started = time.monotonic()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nX-Slow: ")
+        status, headers, body = read_response(sock)
+        assert status == 408 and b"head" in body
+        assert headers["connection"] == "close"
+        assert 0.9 < time.monotonic() - started < 5
+        assert closed_by_peer(sock, 2)
+
+
+def test_a_body_trickled_byte_by_byte_gets_408(gw: GatewayProc, key: str) -> None:
+    request = post(key)
+    head, _, body = request.partition(b"\r\n\r\n")
+    with connect(gw) as sock:
+        started = time.monotonic()
+        sock.sendall(head + b"\r\n\r\n")
+        sock.settimeout(0.2)
+        answer = b""
+        for byte in body:  # one byte every 0.2 s: never idle for long, never finished in time
+            try:
+                sock.sendall(bytes([byte]))
+                answer += sock.recv(65536)
+                if answer:
+                    break
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert 1.4 < time.monotonic() - started < 6
+    # Meanwhile and after, others are served.
+    with connect(gw) as sock:
+        sock.sendall(post(key))
+        assert read_response(sock)[0] == 200
+
+
+def test_an_idle_keep_alive_connection_is_closed(gw: GatewayProc) -> None:
+    with connect(gw) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert read_response(sock)[0] == 200
+        started = time.monotonic()
+        assert closed_by_peer(sock, 6)
+        assert 1.9 < time.monotonic() - started < 6
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /livez HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+        b"GET /livez HTTP/1.1\r\nHost: gw\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(150)) + b"\r\n",
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: gw\r\n\r\n",
+    ],
+    ids=["one-huge-header", "too-many-headers", "huge-target"],
+)
+def test_oversized_heads_get_431(gw: GatewayProc, head: bytes) -> None:
+    with connect(gw) as sock:
+        sock.sendall(head)
+        status, headers, _ = read_response(sock)
+        assert status == 431 and headers["connection"] == "close"
+
+
+def test_a_header_value_sent_forever_is_cut_off(gw: GatewayProc) -> None:
+    with connect(gw) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: gw\r\nX-Endless: ")
+        answer = b""
+        try:
+            for _ in range(100):  # 400 KB of one header value, far beyond the 8 KB bound
+                sock.sendall(b"a" * 4096)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        sock.settimeout(5)
+        try:
+            answer = sock.recv(65536)
+        except ConnectionResetError:
+            answer = b"reset"
+        assert answer.startswith(b"HTTP/1.1 431") or answer == b"reset"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"NOT HTTP AT ALL\r\n\r\n", b"GET /livez HTTP/1.1\r\nHost gw\r\n\r\n", b"GET /\xff\xfe HTTP/1.1\r\n\r\n"],
+    ids=["garbage", "header-without-colon", "non-ascii-target"],
+)
+def test_malformed_requests_get_400(gw: GatewayProc, raw: bytes) -> None:
+    with connect(gw) as sock:
+        sock.sendall(raw)
+        status, headers, _ = read_response(sock)
+        assert status == 400 and headers["connection"] == "close"
+
+
+def test_slow_clients_do_not_hold_the_gateway(gw: GatewayProc, key: str) -> None:
+    """200 connections that start a head and never finish it: all are cut after the header timeout, and a
+    normal request is served meanwhile."""
+    slow = [connect(gw) for _ in range(200)]
+    try:
+        for sock in slow:
+            sock.sendall(b"GET /livez HTTP/1.1\r\nHost: gw\r\n")
+        with connect(gw) as sock:
+            sock.sendall(post(key))
+            assert read_response(sock)[0] == 200
+        time.sleep(1.5)
+        assert all(closed_by_peer(sock, 3) for sock in slow)
+    finally:
+        for sock in slow:
+            sock.close()
