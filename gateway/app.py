@@ -75,10 +75,10 @@ class _Running:
 
 
 class GatewayApp:
-    def __init__(self, settings: Settings, tracing: Tracing | None = None) -> None:
+    def __init__(self, settings: Settings, tracing: Tracing | None = None, metrics_dir: str | None = None) -> None:
         self.settings = settings
         self.tracing = tracing
-        self.metrics = Metrics()
+        self.metrics = Metrics(multiprocess_dir=metrics_dir)
         self.backends = BackendPool(settings, self.metrics)
         self.ready = False
         self.draining = False
@@ -398,9 +398,10 @@ async def _send_error(send: Send, exc: GatewayError, rid: tuple[bytes, bytes]) -
         await send_response(send, exc.status, exc.body(), headers)
 
 
-def create_app(settings: Settings, tracing: Tracing | None = None) -> GatewayApp:
+def create_app(settings: Settings, tracing: Tracing | None = None, *, metrics_dir: str | None = None) -> GatewayApp:
     """Build the app. No I/O happens here: the lifespan opens the store and the upstream pool.
 
-    `tracing` defaults to what the standard `OTEL_*` environment variables ask for (off when unset).
+    `tracing` defaults to what the standard `OTEL_*` environment variables ask for (off when unset);
+    `metrics_dir` is the shared metrics directory of `serve --workers N`.
     """
-    return GatewayApp(settings, tracing)
+    return GatewayApp(settings, tracing, metrics_dir)

@@ -24,7 +24,11 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     host = args.host or settings.listen.host
     port = args.port if args.port is not None else settings.listen.port
-    return run(settings, config_path, host, port, args.workers)
+    workers = args.workers if args.workers is not None else settings.workers
+    if workers < 1:
+        print("gateway: --workers must be at least 1", file=sys.stderr)
+        return 2
+    return run(settings, config_path, host, port, workers)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -41,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="YAML config file (default: $GATEWAY_CONFIG)")
     serve.add_argument("--host", help="listen address (overrides listen.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides listen.port)")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: `workers` in the config, 1)")
     serve.set_defaults(func=_serve)
 
     import gateway.sim.cli as sim_cli

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from types import FrameType
 
 import uvicorn
+from prometheus_client import multiprocess
 from uvicorn.supervisors import Multiprocess
 
 from gateway.app import GatewayApp, create_app
@@ -95,21 +98,58 @@ def _exit_zero(sig: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
+class _Workers(Multiprocess):
+    """uvicorn's worker supervisor, which also retires a dead worker's live gauges (in-flight, queued)
+    from the shared metrics directory, so that a crashed worker's requests are not counted forever."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[object], metrics_dir: str) -> None:
+        super().__init__(config, sockets=sockets)  # type: ignore[arg-type]
+        self._metrics_dir = metrics_dir
+        self._pids: set[int] = set()
+
+    def _reap(self) -> None:
+        alive = {p.pid for p in self.processes if p.pid is not None}
+        for pid in self._pids - alive:
+            multiprocess.mark_process_dead(pid, self._metrics_dir)  # type: ignore[no-untyped-call]
+        self._pids = alive
+
+    def init_processes(self) -> None:
+        super().init_processes()
+        self._reap()
+
+    def keep_subprocess_alive(self) -> None:
+        super().keep_subprocess_alive()
+        self._reap()
+
+    def restart_all(self) -> None:
+        super().restart_all()
+        self._reap()
+
+
 def run(settings: Settings, config_path: str | None, host: str, port: int, workers: int) -> int:
     configure_logging(settings.log_level)
     if workers > 1:
-        # Each worker process loads the settings itself from the same file and environment.
+        # Each worker process loads the settings itself from the same file and environment, and takes
+        # capacity / workers of every backend for its fair queue.
         if config_path:
             os.environ["GATEWAY_CONFIG"] = os.path.abspath(config_path)
         os.environ["GATEWAY_LISTEN__HOST"] = host
         os.environ["GATEWAY_LISTEN__PORT"] = str(port)
+        os.environ["GATEWAY_WORKERS"] = str(workers)
+        # The workers' metrics meet in one directory; /metrics on any worker reports all of them.
+        metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         config = uvicorn_config("gateway.serve:worker_app", settings, host, port, workers)
         sock = config.bind_socket()
-        Multiprocess(config, sockets=[sock]).run()
+        try:
+            _Workers(config, [sock], metrics_dir).run()
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         return 0
+    settings = settings.model_copy(update={"workers": 1})
     app = create_app(settings)
     if config_path:
-        app.reloader = lambda: load_settings(config_path)
+        app.reloader = lambda: load_settings(config_path).model_copy(update={"workers": 1})
     server = GracefulServer(uvicorn_config(app, settings, host, port), app, settings.shutdown_drain_s)
     signal.signal(signal.SIGTERM, _exit_zero)
     signal.signal(signal.SIGINT, _exit_zero)
@@ -125,4 +165,4 @@ def worker_app() -> GatewayApp:
     settings = load_settings(os.environ.get("GATEWAY_CONFIG"))
     configure_logging(settings.log_level)
     configure_http(settings)
-    return create_app(settings)
+    return create_app(settings, metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
