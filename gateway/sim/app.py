@@ -197,21 +197,23 @@ class SimApp:
         with_usage = job.include_usage
         drop_after = None if fault is None else fault.after_tokens
         chat = job.kind == "chat"
+        stamp = self.config.stamp_chunks
 
         async def on_token(i: int) -> None:
             if drop_after is not None and i >= drop_after:
                 raise _Dropped
             finish = job.finish_reason if i == last else None
             if chat:
-                data = _sse(
-                    shapes.chat_chunk(rid, created, model, {"content": shapes.token_text(i)}, finish, with_usage)
-                )
-                if i == 0:
-                    # As vLLM does: the role arrives with the first token, in a chunk of its own.
-                    role = {"role": "assistant", "content": ""}
-                    data = _sse(shapes.chat_chunk(rid, created, model, role, None, with_usage)) + data
+                chunk = shapes.chat_chunk(rid, created, model, {"content": shapes.token_text(i)}, finish, with_usage)
             else:
-                data = _sse(shapes.completion_chunk(rid, created, model, shapes.token_text(i), finish, with_usage))
+                chunk = shapes.completion_chunk(rid, created, model, shapes.token_text(i), finish, with_usage)
+            if stamp:
+                chunk["x_sim_sent_ns"] = time.monotonic_ns()
+            data = _sse(chunk)
+            if chat and i == 0:
+                # As vLLM does: the role arrives with the first token, in a chunk of its own.
+                role = {"role": "assistant", "content": ""}
+                data = _sse(shapes.chat_chunk(rid, created, model, role, None, with_usage)) + data
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
         # Headers go first, as vLLM sends them before the request is even scheduled; and nothing may

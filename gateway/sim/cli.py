@@ -73,6 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--embedding-dim", type=int, default=d.embedding_dim, help="embedding size (default: %(default)s)")
     add(
+        "--stamp-chunks",
+        action="store_true",
+        help="benchmarks: put each streamed chunk's send time (monotonic ns) in it as x_sim_sent_ns",
+    )
+    add(
         "--model",
         dest="models",
         action="append",
@@ -93,6 +98,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         max_tokens_default=args.max_tokens_default,
         max_model_len=args.max_model_len,
         embedding_dim=args.embedding_dim,
+        stamp_chunks=args.stamp_chunks,
         models=tuple(args.models) if args.models else SimConfig().models,
     )
 

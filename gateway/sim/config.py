@@ -33,6 +33,9 @@ class SimConfig:
     models: tuple[str, ...] = ("sim-model",)
     """Model ids listed by /v1/models; requests for any model name are still served."""
     max_body_bytes: int = 32 * 1024 * 1024
+    stamp_chunks: bool = False
+    """Benchmarks: put the send time (`time.monotonic_ns()`) in every streamed chunk as `x_sim_sent_ns`, so a
+    client on the same machine can measure each chunk's one-way delay (through a gateway or not)."""
 
     def __post_init__(self) -> None:
         for name in ("ttft_ms", "itl_ms", "prefill_us_per_token"):

@@ -1,0 +1,170 @@
+"""A light streaming load: N concurrent SSE streams, each chunk's one-way delay from the simulator's send.
+
+The simulator, started with `--stamp-chunks`, writes its send time (`time.monotonic_ns()`, one clock for
+every process of the machine) into every chunk. This client reads the stamps off the raw bytes (no JSON, no
+HTTP library: an asyncio protocol on uvloop, a few microseconds per chunk) and records `arrival - sent` for
+each. Run straight against the simulator and then through a gateway with the same load, the difference is
+what the gateway adds to every chunk: a measure that does not depend on the simulator's timer jitter, and
+far less on the client's own load than gaps between chunks would.
+
+Several client processes share the streams (`processes`), so that one Python process's event loop is not
+what is measured. Usage from the suite: `run(url, key, streams=2000, tokens=20, processes=3, cpu=0)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+_STAMP = re.compile(rb'"x_sim_sent_ns":(\d+)')
+_DONE = b"data: [DONE]"
+
+
+@dataclass
+class _Result:
+    delays_us: list[int]
+    complete: int
+    failed: int
+    errors: dict[str, int]
+
+
+class _Stream(asyncio.Protocol):
+    def __init__(self, request: bytes, tokens: int, delays: list[int], done: asyncio.Future[str]) -> None:
+        self._request = request
+        self._tokens = tokens
+        self._delays = delays
+        self._done = done
+        self._tail = b""
+        self._chunks = 0
+        self._status_checked = False
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        self._transport.write(self._request)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic_ns()
+        if not self._status_checked:
+            self._status_checked = True
+            if not data.startswith(b"HTTP/1.1 200"):
+                self._finish("status " + data[9:12].decode("latin-1"))
+                return
+        buf = self._tail + data
+        end = 0
+        for match in _STAMP.finditer(buf):
+            if match.end() == len(buf):
+                break  # the number may go on in the next read
+            self._delays.append((now - int(match.group(1))) // 1000)
+            self._chunks += 1
+            end = match.end()
+        # Keep a little of the end, after the last stamp counted: a stamp or [DONE] may be cut in two.
+        self._tail = buf[max(end, len(buf) - 40) :]
+        if _DONE in buf:
+            self._finish("ok" if self._chunks >= self._tokens else f"short ({self._chunks} chunks)")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish("closed early" if not self._done.done() else "")
+
+    def _finish(self, outcome: str) -> None:
+        if not self._done.done():
+            self._done.set_result(outcome)
+        if self._transport is not None:
+            self._transport.close()
+
+
+async def _streams(url: str, key: str, streams: int, tokens: int, model: str, start_at: float) -> _Result:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens, "stream": True}
+    ).encode()
+    request = (
+        f"POST {parts.path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    loop = asyncio.get_running_loop()
+    delays: list[int] = []
+    # Every process starts its streams at the same instant.
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+
+    async def one() -> str:
+        done: asyncio.Future[str] = loop.create_future()
+        try:
+            await loop.create_connection(lambda: _Stream(request, tokens, delays, done), host, port)
+        except OSError as exc:
+            return type(exc).__name__
+        try:
+            return await asyncio.wait_for(done, 300)
+        except TimeoutError:
+            return "timeout"
+
+    outcomes = await asyncio.gather(*(one() for _ in range(streams)))
+    errors: dict[str, int] = {}
+    for outcome in outcomes:
+        if outcome != "ok":
+            errors[outcome] = errors.get(outcome, 0) + 1
+    complete = outcomes.count("ok")
+    return _Result(delays, complete, streams - complete, errors)
+
+
+def _worker(args: tuple[str, str, int, int, str, float, int | None]) -> _Result:
+    url, key, streams, tokens, model, start_at, cpu = args
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    try:
+        import uvloop
+
+        return uvloop.run(_streams(url, key, streams, tokens, model, start_at))
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(_streams(url, key, streams, tokens, model, start_at))
+
+
+def percentile(sorted_values: list[int], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return float(sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))])
+
+
+def run(
+    url: str,
+    key: str,
+    *,
+    streams: int,
+    tokens: int = 20,
+    processes: int = 3,
+    cpu: int | None = None,
+    model: str = "bench-model",
+) -> dict[str, Any]:
+    """Open `streams` streams at once over `processes` client processes; the chunk delays, summarised."""
+    share = [streams // processes + (1 if i < streams % processes else 0) for i in range(processes)]
+    start_at = time.time() + 0.5
+    started = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(processes) as pool:
+        parts = pool.map(_worker, [(url, key, n, tokens, model, start_at, cpu) for n in share if n])
+    elapsed = time.perf_counter() - started - 0.5
+    delays = sorted(d for part in parts for d in part.delays_us)
+    errors: dict[str, int] = {}
+    for part in parts:
+        for name, count in part.errors.items():
+            errors[name] = errors.get(name, 0) + count
+    return {
+        "streams": streams,
+        "tokens": tokens,
+        "complete": sum(p.complete for p in parts),
+        "errors": errors,
+        "chunks": len(delays),
+        "elapsed_s": round(elapsed, 2),
+        "delay_p50_ms": round(percentile(delays, 0.50) / 1000, 3),
+        "delay_p90_ms": round(percentile(delays, 0.90) / 1000, 3),
+        "delay_p99_ms": round(percentile(delays, 0.99) / 1000, 3),
+        "delay_max_ms": round((delays[-1] if delays else float("nan")) / 1000, 3),
+    }
