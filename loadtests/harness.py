@@ -292,7 +292,18 @@ def wrk(
     delay = f"function delay() return math.random({pacing.min_ms}, {pacing.max_ms}) end" if pacing is not None else ""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(_WRK_LUA.format(body=body.decode(), headers=lua_headers, delay=delay))
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", "--latency", "-s", script.name, url]
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "5s",
+        "--latency",
+        "-s",
+        script.name,
+        url,
+    ]
     try:
         out = subprocess.run(pinned(cmd, cpu), capture_output=True, text=True, timeout=seconds + 60, check=False)
     finally:
