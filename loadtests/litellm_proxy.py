@@ -10,7 +10,7 @@ it gets a clean environment (no proxy, database or Redis variables from the call
 
 Use from a benchmark::
 
-    ensure_venv()
+    ensure_venv()  # installs if needed; venv_ready() only tells whether it is installed
     proc = start_litellm(f"http://127.0.0.1:{upstream_port}", port, cpu=0, workdir=tmp, master_key=KEY)
     ...  # POST /v1/chat/completions with "Authorization: Bearer KEY" and "model": "bench-model"
     stop(proc)  # loadtests.common.stop
@@ -19,6 +19,7 @@ Use from a benchmark::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -59,6 +60,20 @@ OFFLINE_ENV = {
     "no_proxy": "*",
     "NO_PROXY": "*",
 }
+
+
+def _stamp() -> Path:
+    """The stamp loadtests/litellm/setup leaves for the current lock files (the same digest it computes)."""
+    listing = "".join(
+        f"{hashlib.sha256((ROOT / rel).read_bytes()).hexdigest()}  {rel}\n"
+        for rel in ("loadtests/litellm/requirements.lock", "requirements/pip.lock")
+    )
+    return VENV / f".installed-{hashlib.sha256(listing.encode()).hexdigest()[:16]}"
+
+
+def venv_ready() -> bool:
+    """Whether the venv is installed from the current lock files (setup would do nothing)."""
+    return LITELLM.exists() and _stamp().exists()
 
 
 def ensure_venv() -> Path:
