@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import redis.asyncio as aioredis
+from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -118,8 +119,12 @@ class GatewayApp:
         redis_client = None
         store: Store
         if settings.redis_url:
-            redis_client = aioredis.Redis.from_url(
+            # Bounded: a burst of store reads waits for a connection (up to redis_timeout_s) rather than
+            # opening hundreds of them at once.
+            pool = BlockingConnectionPool.from_url(
                 settings.redis_url,
+                max_connections=32,
+                timeout=settings.redis_timeout_s,
                 socket_timeout=settings.redis_timeout_s,
                 socket_connect_timeout=settings.redis_timeout_s,
                 health_check_interval=10,
@@ -128,6 +133,7 @@ class GatewayApp:
                 retry=Retry(NoBackoff(), 1),
                 retry_on_error=[RedisConnectionError],
             )
+            redis_client = aioredis.Redis.from_pool(pool)
             store = RedisStore(redis_client)
         else:
             store = SqliteStore(settings.state_path)

@@ -1,12 +1,15 @@
 """Authentication: `Authorization: Bearer sk-gw-...` -> `Principal`, served from an in-process cache.
 
 A key seen recently costs one SHA-256 and one dict lookup; the store is read only on a miss. Misses are
-cached briefly too, so a flood of wrong keys cannot turn into a flood of store reads. Any change made
-through this process (a new key, a revocation) invalidates the cache entry at once.
+cached briefly too, so a flood of wrong keys cannot turn into a flood of store reads. Concurrent misses of
+one key share one read (a thousand clients starting at once with a key the process has not seen yet make
+one store lookup, not a thousand connections to Redis). Any change made through this process (a new key, a
+revocation) invalidates the cache entry at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -52,6 +55,10 @@ class Authenticator:
         self._clock = clock
         self._wall = wall_clock
         self._cache: dict[str, tuple[Principal | None, float]] = {}
+        # Store reads in progress, by key hash: concurrent misses of one key wait for the same read.
+        self._loading: dict[str, asyncio.Future[Principal | None]] = {}
+        # Bumped by every invalidation: a read that started before one is used but not cached (it may be stale).
+        self._generation = 0
 
     async def authenticate(self, header: bytes | None) -> Principal:
         token = bearer_token(header)
@@ -65,8 +72,9 @@ class Authenticator:
         if hit is not None and hit[1] > now:
             principal = hit[0]
         else:
+            generation = self._generation
             try:
-                principal = await self._load(digest)
+                principal = await self._load_once(digest)
             except ServiceUnavailableError:
                 if hit is None or hit[0] is None:
                     raise
@@ -74,10 +82,11 @@ class Authenticator:
                 # it is down anyway). Ask the store again in a second, not on every request.
                 self._cache[digest] = (hit[0], now + 1.0)
                 return self._check(hit[0], digest)
-            if len(self._cache) >= self._max:
-                self._cache.clear()  # crude but bounded; a full cache refills from the store
-            ttl = self.ttl_s if principal is not None else self._negative_ttl
-            self._cache[digest] = (principal, now + ttl)
+            if generation == self._generation:
+                if len(self._cache) >= self._max:
+                    self._cache.clear()  # crude but bounded; a full cache refills from the store
+                ttl = self.ttl_s if principal is not None else self._negative_ttl
+                self._cache[digest] = (principal, now + ttl)
         if principal is None:
             raise AuthenticationError(_INVALID)
         return self._check(principal, digest)
@@ -92,6 +101,15 @@ class Authenticator:
             raise AuthenticationError("This API key has expired.")
         return principal
 
+    async def _load_once(self, digest: str) -> Principal | None:
+        loading = self._loading.get(digest)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(digest))
+            self._loading[digest] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(digest, None))
+        # shield: a caller that gives up (its client left) does not cancel the read for the others.
+        return await asyncio.shield(loading)
+
     async def _load(self, digest: str) -> Principal | None:
         key = await self._store.get_key_by_hash(digest)
         if key is None:
@@ -102,7 +120,10 @@ class Authenticator:
         return Principal(tenant=tenant, key=key)
 
     def invalidate(self, digest: str | None = None) -> None:
+        self._generation += 1
         if digest is None:
             self._cache.clear()
+            self._loading.clear()
         else:
             self._cache.pop(digest, None)
+            self._loading.pop(digest, None)

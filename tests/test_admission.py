@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import threading
@@ -219,6 +220,34 @@ def test_a_stream_longer_than_the_lease_ttl_keeps_its_concurrency_slot(
         assert post(proc, key).status_code == 200  # released when the stream ended
     finally:
         proc.stop()
+
+
+async def test_a_burst_with_a_new_key_makes_one_store_read(gw: GatewayProc, redis_server: RedisServer) -> None:
+    """500 clients start at once with a key this replica has not seen: one lookup for all of them, not 500
+    connections to Redis (which once answered most of such a burst with 503 state_store_unavailable)."""
+    import redis.asyncio as aioredis
+
+    key = tenant_with_key(gw.url, gw.admin_key, "burst")
+    inspector = aioredis.Redis.from_url(redis_server.url)
+    before = (await inspector.info("commandstats")).get("cmdstat_hget", {}).get("calls", 0)
+    body = json.dumps({"model": "big", "messages": MSG, "max_tokens": 1}).encode()
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+    async def one() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(request)
+        answer = await reader.read()
+        writer.close()
+        return answer[:12]
+
+    statuses = await asyncio.gather(*(one() for _ in range(500)))  # raw sockets: truly all at once
+    after = (await inspector.info("commandstats"))["cmdstat_hget"]["calls"]
+    await inspector.aclose()
+    assert statuses.count(b"HTTP/1.1 200") == 500, set(statuses)
+    assert after - before <= 10  # the key and its tenant, read once (plus what other tenants did meanwhile)
 
 
 def test_noisy_neighbour_gets_429s_quiet_tenant_none(gw: GatewayProc) -> None:
