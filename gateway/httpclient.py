@@ -37,6 +37,10 @@ Design
   the transport is paused for a slow consumer the backend is not idle, so that time does not count.
 - Cancellation: a task cancelled while it waits for the head or the body closes the connection, so the
   backend sees its client go away.
+- Push mode (`Response.stream_to`): body bytes go straight from the connection's `data_received` to a
+  callback, with no future and no task switch per chunk: what relaying a stream costs per event is then the
+  callback's own work and the two syscalls. The callback pauses reading by returning False (its consumer
+  is full) and `Response.resume_reading()` resumes it; `wait_end()` waits for the end of the body.
 
 Errors
 ------
@@ -56,7 +60,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Final
 from urllib.parse import urlsplit
@@ -108,7 +112,7 @@ class Response:
     fully arrived closes the connection, which a backend reads as its client going away.
     """
 
-    __slots__ = ("_buffered", "_chunks", "_complete", "_conn", "_exc", "_waiter", "headers", "status")
+    __slots__ = ("_buffered", "_chunks", "_complete", "_conn", "_exc", "_sink", "_waiter", "headers", "status")
 
     def __init__(self, conn: _Connection) -> None:
         self.status = 0
@@ -120,6 +124,7 @@ class Response:
         self._complete = False
         self._exc: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._sink: Callable[[bytes], bool] | None = None
 
     @property
     def complete(self) -> bool:
@@ -160,6 +165,37 @@ class Response:
                 raise StopAsyncIteration
             await self._wait()
         return self._take()
+
+    def stream_to(self, sink: Callable[[bytes], bool]) -> None:
+        """From now on, hand every body byte to `sink` as it arrives, from the connection's callback (what was
+        buffered already goes first, now). `sink` must not raise; it returns False when its consumer cannot
+        take more, which pauses reading until `resume_reading()`. Then `await wait_end()`."""
+        self._sink = sink
+        if self._chunks:
+            data = self._take()
+            if not sink(data):
+                self._pause()
+
+    def resume_reading(self) -> None:
+        """Undo a pause asked for by the sink (its consumer can take more)."""
+        conn = self._conn
+        if conn is not None and conn.paused:
+            conn.resume()
+
+    async def wait_end(self) -> None:
+        """Wait until the body has arrived in full (push mode); raises what ended it otherwise."""
+        while True:
+            if self._exc is not None:
+                raise self._exc
+            if self._complete:
+                return
+            await self._wait()
+
+    def _pause(self) -> None:
+        conn = self._conn
+        if conn is not None and not conn.paused and conn._transport is not None:
+            conn.paused = True
+            conn._transport.pause_reading()
 
     def release(self) -> None:
         """Done with the response. Its connection already went back to the pool if the body arrived in
@@ -449,6 +485,12 @@ class _Connection(asyncio.Protocol):
         resp = self._resp
         if resp is None:
             raise ProtocolError("no response is expected")
+        sink = resp._sink
+        if sink is not None:
+            if not sink(body) and not self.paused and self._transport is not None:
+                self.paused = True
+                self._transport.pause_reading()
+            return
         resp._chunks.append(body)
         resp._buffered += len(body)
         if resp._waiter is not None:

@@ -40,6 +40,7 @@ from gateway.tenancy import Principal
 from gateway.tracing import Tracing
 from gateway.upstream import (
     UPSTREAM_FAILED,
+    DirectWriter,
     Relay,
     Usage,
     backend_headers,
@@ -217,7 +218,10 @@ class InferenceHandler:
         try:
             payload = self._rewrite(request, principal, model, backend, cache_scope)
             call = _Call(request_id, principal, model, backend, request, payload, started, headers)
-            outcome = await (self._stream(receive, send, call) if request.stream else self._unary(send, call))
+            if request.stream:
+                outcome = await self._stream(receive, send, call, scope.get("gateway.exchange"))
+            else:
+                outcome = await self._unary(send, call)
             outcome.downgraded_from = downgraded_from
             self._record(outcome)
             if progress.span is not None:
@@ -367,7 +371,7 @@ class InferenceHandler:
             await send_response(send, status, data, response_headers)
         return call.outcome(stream=False, status=status, usage=usage, partial=False, finish_reason=finish_reason)
 
-    async def _stream(self, receive: Receive, send: Send, call: _Call) -> Outcome:
+    async def _stream(self, receive: Receive, send: Send, call: _Call, direct: DirectWriter | None) -> Outcome:
         request, model, backend, payload = call.request, call.model, call.backend, call.payload
         request_id, started, response_headers = call.request_id, call.started, call.response_headers
         headers = backend_headers(backend, request_id, self._backend_keys.get(backend.name))
@@ -402,7 +406,10 @@ class InferenceHandler:
                     }
                 )
                 started_response = True
-                await relay.run(resp, started)
+                if direct is not None:
+                    await relay.run_direct(resp, direct, started)
+                else:
+                    await relay.run(resp, started)
 
         task = asyncio.ensure_future(forward())
         watcher = asyncio.ensure_future(_wait_disconnect(receive))

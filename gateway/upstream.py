@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import orjson
 
@@ -18,7 +20,7 @@ from gateway.asgi import Send
 from gateway.backends import Backend
 from gateway.errors import BadRequestError, GatewayError, UpstreamError
 
-__all__ = ["StreamOutcome", "Usage", "error_from_backend", "usage_from"]
+__all__ = ["DirectWriter", "Relay", "StreamOutcome", "Usage", "error_from_backend", "usage_from"]
 
 log = logging.getLogger("gateway.upstream")
 
@@ -83,11 +85,21 @@ def error_from_backend(status: int, data: bytes) -> GatewayError:
     return error
 
 
+class DirectWriter(Protocol):
+    """What the gateway's HTTP server offers a stream besides ASGI (`gateway.server._Exchange`)."""
+
+    def write_body(self, data: bytes) -> bool: ...
+
+    def when_writable(self, callback: Callable[[], None]) -> None: ...
+
+
 class Relay:
     """Relays one backend SSE stream to the client, event by event, metering as it goes.
 
     Events are forwarded as soon as they are complete (several that arrive in one read go out in one
-    send). The usage chunk that the gateway asked for is parsed, and dropped unless the client asked too.
+    write). The usage chunk that the gateway asked for is parsed, and dropped unless the client asked too.
+    Under the gateway's own server, events go from the backend connection's callback straight to the
+    client's transport (`run_direct`); under any other ASGI server, through `send` (`run`).
     """
 
     def __init__(
@@ -97,31 +109,65 @@ class Relay:
         self._wants_usage = client_wants_usage
         self._model_from = model_from
         self._model_to = model_to
+        self._buffer = b""
         self.outcome = StreamOutcome()
 
     async def run(self, resp: httpclient.Response, clock: float) -> None:
-        buffer = b""
-        outcome = self.outcome
+        """Relay through ASGI `send`, one await per batch of events."""
         try:
             async for chunk in resp:
-                buffer += chunk
-                if b"\n\n" not in buffer:
-                    continue
-                *events, buffer = buffer.split(b"\n\n")
-                out = []
-                for event in events:
-                    forwarded = self._event(event)
-                    if forwarded is not None:
-                        out.append(forwarded)
+                out = self._events(chunk)
                 if out:
-                    if outcome.first_chunk_at is None:
-                        outcome.first_chunk_at = time.perf_counter() - clock
-                    await self._send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+                    if self.outcome.first_chunk_at is None:
+                        self.outcome.first_chunk_at = time.perf_counter() - clock
+                    await self._send({"type": "http.response.body", "body": out, "more_body": True})
+        except httpclient.UpstreamError as exc:
+            log.warning("backend stream failed mid-way: %s", type(exc).__name__)
+            self.outcome.failed = True
+        await self._end()
+
+    async def run_direct(self, resp: httpclient.Response, client: DirectWriter, clock: float) -> None:
+        """Relay from the upstream connection's callback straight to the client's transport: no task switch
+        per event. Back-pressure holds: a client that does not keep up pauses reading from the backend."""
+        outcome = self.outcome
+
+        def sink(chunk: bytes) -> bool:
+            out = self._events(chunk)
+            if not out:
+                return True
+            if outcome.first_chunk_at is None:
+                outcome.first_chunk_at = time.perf_counter() - clock
+            if client.write_body(out):
+                return True
+            client.when_writable(resp.resume_reading)
+            return False
+
+        resp.stream_to(sink)
+        try:
+            await resp.wait_end()
         except httpclient.UpstreamError as exc:
             log.warning("backend stream failed mid-way: %s", type(exc).__name__)
             outcome.failed = True
-        if not outcome.done:
-            outcome.failed = True
+        await self._end()
+
+    def _events(self, chunk: bytes) -> bytes:
+        """The complete events of what arrived so far, rewritten for the client (usage chunk dropped unless
+        asked for); an incomplete event at the end waits for the rest."""
+        buffer = self._buffer + chunk
+        if b"\n\n" not in buffer:
+            self._buffer = buffer
+            return b""
+        *events, self._buffer = buffer.split(b"\n\n")
+        out = []
+        for event in events:
+            forwarded = self._event(event)
+            if forwarded is not None:
+                out.append(forwarded)
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    async def _end(self) -> None:
+        if not self.outcome.done:
+            self.outcome.failed = True
             error = UpstreamError("The backend stream ended unexpectedly; the answer is incomplete.")
             await self._send(
                 {"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n", "more_body": True}

@@ -397,6 +397,7 @@ def main() -> None:
         help="run only these parts",
     )
     parser.add_argument("--no-write", action="store_true", help="print the report, write no file")
+    parser.add_argument("--streams", type=int, nargs="*", help="concurrent stream counts (default 500 2000)")
     args = parser.parse_args()
     for tool in ("wrk", "redis-server"):
         if not shutil.which(tool):
@@ -450,7 +451,8 @@ def main() -> None:
             results["litellm"] = litellm_runs(tmp, up_port, seconds, load_cpu, server_cpu, budget)
         if "streams" in parts:
             print("streams ...", flush=True)
-            results["streams"] = streams(tmp, redis_url, [200] if args.quick else [500, 2000], load_cpu, server_cpu)
+            counts = args.streams or ([200] if args.quick else [500, 2000])
+            results["streams"] = streams(tmp, redis_url, counts, load_cpu, server_cpu)
         if "startup" in parts:
             print("start-up ...", flush=True)
             results["startup"] = startup(tmp, upstream, redis_url, server_cpu, 2 if args.quick else 3)

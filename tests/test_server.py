@@ -8,6 +8,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -20,24 +21,29 @@ BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
-    handle = start_sim("--ttft-ms", "0", "--itl-ms", "0", log_dir=tmp_path_factory.mktemp("sim-srv"))
+    handle = start_sim(
+        "--ttft-ms", "0", "--itl-ms", "0", "--max-model-len", "2000000", log_dir=tmp_path_factory.mktemp("sim-srv")
+    )
     yield handle
     handle.stop()
 
 
 @pytest.fixture(scope="module")
 def gw(sim: SimHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
+    workdir = tmp_path_factory.mktemp("gw-srv")
     config = {
         "backends": [{"name": "sim", "kind": "vllm", "url": sim.url}],
         "models": [{"name": "m", "backends": ["sim"]}],
+        "billing": {"sinks": [{"kind": "jsonl", "path": str(workdir / "billing.jsonl")}]},
         "limits": {
             "client_header_timeout_s": 1.0,
             "client_body_timeout_s": 1.5,
             "keep_alive_timeout_s": 2.0,
             "max_header_bytes": 8192,
+            "max_tokens_cap": 1_000_000,
         },
     }
-    proc = start_gateway(config, tmp_path_factory.mktemp("gw-srv"))
+    proc = start_gateway(config, workdir)
     yield proc
     proc.stop()
 
@@ -306,3 +312,44 @@ def test_slow_clients_do_not_hold_the_gateway(gw: GatewayProc, key: str) -> None
     finally:
         for sock in slow:
             sock.close()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_a_stream_reader_that_never_reads_holds_the_backend_back(gw: GatewayProc, key: str, sim: SimHandle) -> None:
+    """About 50 MB of stream for a client that reads nothing: back-pressure reaches the backend, the gateway's
+    memory does not grow with it, and leaving ends the backend's generation."""
+    assert gw.proc.popen is not None
+    pid = gw.proc.popen.pid
+    before = rss_mb(pid)
+    body = json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300_000, "stream": True}
+    ).encode()
+    with connect(gw) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(post(key, body))
+        head = sock.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200")
+        request_id = head.split(b"x-request-id: ", 1)[1].split(b"\r\n", 1)[0].decode()
+        peak = before
+        for _ in range(30):  # 3 s without reading
+            time.sleep(0.1)
+            peak = max(peak, rss_mb(pid))
+        assert sim.stats()["active"] >= 1  # held back: a simulator with no latency would be done by now
+        assert peak - before < 30, (before, peak)  # far less than the 50 MB the backend wanted to send
+    # The client left: the stream is billed for what was generated, flagged partial.
+    billing = gw.config_path.parent / "billing.jsonl"
+    deadline = time.monotonic() + 10
+    event = None
+    while event is None and time.monotonic() < deadline:
+        if billing.exists():
+            event = next((json.loads(x) for x in billing.read_text().splitlines() if request_id in x), None)
+        time.sleep(0.05)
+    assert event is not None
+    assert event["data"]["partial"] is True and event["data"]["status"] == 499
+    assert 0 < event["data"]["completion_tokens"] < 300_000
