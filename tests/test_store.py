@@ -112,3 +112,14 @@ async def test_usage_adds_up(store: Store) -> None:
     assert ("k1", 36000) not in totals
     assert [r.key_id for r in await store.usage("acme", 0, 7200, "k2")] == ["k2"]
     assert await store.usage("other", 0, 10**9) == []
+
+
+async def test_live_stats_snapshots_expire(store: Store) -> None:
+    await store.put_stats("a", '{"n": 1}', ttl_s=30)
+    await store.put_stats("b", '{"n": 2}', ttl_s=30)
+    await store.put_stats("a", '{"n": 3}', ttl_s=30)
+    assert await store.list_stats() == {"a": '{"n": 3}', "b": '{"n": 2}'}
+    # A process that stopped publishing drops out once its TTL has passed (here: at once).
+    await store.put_stats("b", '{"n": 4}', ttl_s=0)
+    assert await store.list_stats() == {"a": '{"n": 3}'}
+    assert await store.list_stats() == {"a": '{"n": 3}'}

@@ -44,6 +44,12 @@ class Store(Protocol):
     async def usage(self, tenant_id: str, first_hour: int, last_hour: int, key_id: str | None = None) -> list[UsageRow]:
         """The stored rows of a tenant (or one of its keys) for hours in [first_hour, last_hour]."""
 
+    async def put_stats(self, replica: str, doc: str, *, ttl_s: float) -> None:
+        """Publish one process's live-stats snapshot (JSON), replacing its last one; gone after `ttl_s`."""
+
+    async def list_stats(self) -> dict[str, str]:
+        """The snapshots published within their TTL, by process (replica or worker) id."""
+
     async def get_or_set_meta(self, name: str, value: str) -> str:
         """Return the stored value of `name`, storing `value` first if there is none (atomically)."""
 

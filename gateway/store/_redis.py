@@ -7,6 +7,8 @@ on one Redis Cluster slot. Each change is published on one channel; every replic
 
 from __future__ import annotations
 
+import time
+
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -23,6 +25,8 @@ _KEYS = _P + "keys"  # hash key id -> doc
 _BY_HASH = _P + "key_by_hash"  # hash secret hash -> key id
 _AUDIT = _P + "audit"  # list of docs; position + 1 = sequence number
 _META = _P + "meta"
+_STATS = _P + "stats"  # hash replica id -> live-stats snapshot
+_STATS_EXPIRY = _P + "stats_expiry"  # sorted set replica id scored by when its snapshot expires
 
 
 _USAGE_TTL_S = 400 * 86400
@@ -188,6 +192,28 @@ class RedisStore:
                 )
         return rows
 
+    async def put_stats(self, replica: str, doc: str, *, ttl_s: float) -> None:
+        async with _seam():
+            pipe = self._r.pipeline(transaction=True)
+            pipe.hset(_STATS, replica, doc)
+            pipe.zadd(_STATS_EXPIRY, {replica: time.time() + ttl_s})
+            # If every replica goes away, the keys go too.
+            pipe.expire(_STATS, max(1, round(ttl_s)))
+            pipe.expire(_STATS_EXPIRY, max(1, round(ttl_s)))
+            await pipe.execute()
+
+    async def list_stats(self) -> dict[str, str]:
+        now = time.time()
+        async with _seam():
+            stale = await self._r.zrangebyscore(_STATS_EXPIRY, "-inf", now)
+            if stale:
+                pipe = self._r.pipeline(transaction=True)
+                pipe.zrem(_STATS_EXPIRY, *stale)
+                pipe.hdel(_STATS, *stale)
+                await pipe.execute()
+            docs = await self._r.hgetall(_STATS)
+        return {_text(k): _text(v) for k, v in docs.items() if k not in stale}
+
     async def get_or_set_meta(self, name: str, value: str) -> str:
         async with _seam():
             await self._r.hsetnx(_META, name, value)
@@ -196,6 +222,10 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._r.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class _seam:

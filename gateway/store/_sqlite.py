@@ -7,6 +7,7 @@ is served from the in-process cache (`gateway.auth`), so the store is only read 
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 from gateway.errors import ConflictError
@@ -31,6 +32,7 @@ CREATE TABLE IF NOT EXISTS usage (
     PRIMARY KEY (tenant, key_id, hour, currency)
 );
 CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY AUTOINCREMENT, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS stats (replica TEXT PRIMARY KEY, expires REAL NOT NULL, doc TEXT NOT NULL);
 """
 
 
@@ -155,6 +157,19 @@ class SqliteStore:
             )
             for t, k, h, c, n, p, o, ca, sp in self._db.execute(query, args).fetchall()
         ]
+
+    async def put_stats(self, replica: str, doc: str, *, ttl_s: float) -> None:
+        self._db.execute(
+            "INSERT INTO stats (replica, expires, doc) VALUES (?, ?, ?) "
+            "ON CONFLICT(replica) DO UPDATE SET expires = excluded.expires, doc = excluded.doc",
+            (replica, time.time() + ttl_s, doc),
+        )
+
+    async def list_stats(self) -> dict[str, str]:
+        now = time.time()
+        # Workers that died leave their row behind: whoever reads next clears it.
+        self._db.execute("DELETE FROM stats WHERE expires <= ?", (now,))
+        return dict(self._db.execute("SELECT replica, doc FROM stats").fetchall())
 
     async def get_or_set_meta(self, name: str, value: str) -> str:
         self._db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)", (name, value))
