@@ -31,6 +31,7 @@ from gateway.errors import (
 )
 from gateway.keys import generate_key, hash_key, hashes_equal, new_key_id
 from gateway.metrics import Metrics
+from gateway.stats import LiveStats, StatsReport
 from gateway.store import Store
 from gateway.tenancy import TENANT_ID, AuditEntry, Budget, KeyRecord, Quotas, Tenant, UsageRow
 from gateway.usage import UsageLedger
@@ -47,6 +48,7 @@ class AdminContext:
     authenticator: Authenticator
     metrics: Metrics
     ledger: UsageLedger
+    stats: LiveStats
 
 
 class TenantIn(BaseModel):
@@ -406,6 +408,25 @@ def create_admin_app(ctx: AdminContext) -> FastAPI:
         now = time.time()
         start, end = _parse_time(since, now - 30 * 86400, "since"), _parse_time(until, now, "until")
         return _report(record.tenant_id, start, end, await ctx.ledger.query(record.tenant_id, start, end, key_id))
+
+    # --- live stats -------------------------------------------------------------------------------
+
+    @router.get("/stats", response_model=StatsReport, tags=["stats"])
+    async def live_stats() -> StatsReport:
+        """Cumulative counters per tenant, summed over the live processes, with the time they were read.
+
+        Difference two answers for rates. When `replicas` differs between them, a process started or died
+        and the sums jumped: skip that interval, as with a Prometheus counter reset.
+        """
+        tenants: list[Tenant] = []
+        after: str | None = None
+        while True:
+            page = await store.list_tenants(after=after, limit=1000)
+            tenants += page
+            if len(page) < 1000:
+                break
+            after = page[-1].id
+        return await ctx.stats.report(tenants)
 
     # --- audit ------------------------------------------------------------------------------------
 

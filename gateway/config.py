@@ -187,6 +187,9 @@ class Settings(_Frozen):
     # How long a replica trusts a cached key without asking the store (changes are also pushed).
     auth_cache_ttl_s: float = Field(default=5.0, gt=0, le=300)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # How often each process publishes its live-stats snapshot to the store when others may read it (Redis,
+    # or several workers); `GET /admin/stats` sums the live ones.
+    stats_interval_s: float = Field(default=1.0, gt=0, le=60)
     # Secrets: only ever from the environment (see load_settings); excluded from repr.
     admin_key: str | None = Field(default=None, repr=False)
     salt_secret: str | None = Field(default=None, repr=False)

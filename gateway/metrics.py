@@ -30,6 +30,8 @@ class Metrics:
         self._tenants: set[str] = set()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._max_tenants = max_tenants
+        # Upper bounds of the queue-wait histogram (seconds); the live stats report them with the counts.
+        self.queue_wait_bounds = (0.001, *_LATENCY_BUCKETS)
         r = self.registry
         self.requests = Counter(
             "gateway_requests",
@@ -95,7 +97,7 @@ class Metrics:
             "gateway_queue_wait_seconds",
             "Time spent in the fair queue for backend capacity.",
             ["tenant", "model"],
-            buckets=(0.001, *_LATENCY_BUCKETS),
+            buckets=self.queue_wait_bounds,
             registry=r,
         )
         self.queued = Gauge(
