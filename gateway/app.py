@@ -32,6 +32,8 @@ from gateway.auth import Authenticator, bearer_token
 from gateway.backends import BackendPool
 from gateway.billing import Billing
 from gateway.config import ConfigError, Settings
+from gateway.console import PREFIX as CONSOLE_PREFIX
+from gateway.console import Console
 from gateway.errors import AuthenticationError, GatewayError, NotFoundError
 from gateway.keys import hash_key, hashes_equal
 from gateway.limits import FailoverQuotaStore, LocalQuotaStore, PipelinedRedis, QuotaStore, RedisQuotaStore
@@ -40,6 +42,7 @@ from gateway.propagation import ChangeListener
 from gateway.proxy import InferenceHandler
 from gateway.salt import SaltDeriver
 from gateway.state import load_salt_secret, reconcile_config
+from gateway.stats import LiveStats
 from gateway.store import RedisStore, SqliteStore, Store
 from gateway.tracing import Tracing
 from gateway.usage import UsageLedger
@@ -88,6 +91,7 @@ class GatewayApp:
         self.reloader: Callable[[], Settings] | None = None
         self._reloads: set[asyncio.Task[bool]] = set()
         self._pools: dict[str, tuple[str, httpclient.Pool]] = {}
+        self.console = Console()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -170,8 +174,18 @@ class GatewayApp:
             self.tracing,
             ledger,
         )
-        admin = create_admin_app(AdminContext(settings, store, authenticator, self.metrics, ledger))
+        # Alone (embedded, one worker) this process's counters are the whole picture; otherwise each
+        # process publishes its own for the others to sum.
+        live = LiveStats(
+            self.metrics,
+            store,
+            interval_s=settings.stats_interval_s,
+            publish=bool(settings.redis_url) or settings.workers > 1,
+        )
+        live.start()
+        admin = create_admin_app(AdminContext(settings, store, authenticator, self.metrics, ledger, live))
         self._running = _Running(store, session, handler, authenticator, admin, billing, salts, admission, ledger)
+        self._running.closers.append(live.close)
         self._running.closers.append(quotas.close)
         if quota_client is not None:
             self._running.closers.append(quota_client.aclose)
@@ -361,6 +375,8 @@ class GatewayApp:
                 await running.handler.models(scope, send, path, request_id)
             elif path.startswith(_ADMIN_PREFIXES) and running is not None:
                 await running.admin(scope, receive, _with_header(send, rid))  # type: ignore[operator]
+            elif path.startswith(CONSOLE_PREFIX):
+                await self.console(scope, send, [rid])
             else:
                 raise NotFoundError(f"Unknown path: {method} {path[:200]}", code="not_found")
         except GatewayError as exc:

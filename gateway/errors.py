@@ -6,6 +6,7 @@
     ├── AuthenticationError           (401 invalid_request_error / invalid_api_key)
     ├── PermissionDeniedError         (403 invalid_request_error / model_not_allowed, ...)
     ├── NotFoundError                 (404 invalid_request_error / model_not_found, not_found)
+    ├── MethodNotAllowedError         (405 invalid_request_error / method_not_allowed; allow)
     ├── ConflictError                 (409 invalid_request_error / conflict)
     ├── UnprocessableError            (422 invalid_request_error / validation_error)
     ├── RateLimitError                (429 requests|tokens / rate_limit_exceeded; retry-after)
@@ -26,6 +27,7 @@ __all__ = [
     "BadRequestError",
     "ConflictError",
     "GatewayError",
+    "MethodNotAllowedError",
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
@@ -90,6 +92,12 @@ class NotFoundError(GatewayError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class MethodNotAllowedError(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
 
 
 class ConflictError(GatewayError):
