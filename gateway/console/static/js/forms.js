@@ -87,7 +87,9 @@ export function showError(form, error) {
     // Open a collapsed section the field sits in, so focus lands on something visible.
     const details = wrapper.closest("details");
     if (details) details.open = true;
-    control.focus();
+    control.focus({ preventScroll: true });
+    // Centred, so the sticky header never covers the field and its message.
+    control.scrollIntoView({ block: "center" });
     return;
   }
   const summary = form.querySelector(".form-error");

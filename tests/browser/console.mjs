@@ -1,0 +1,393 @@
+// The admin console as an operator uses it, in Debian's Chromium driven by playwright-core.
+// Run by tests/test_console.py: node console.mjs <config.json>. The config names the gateway, the admin
+// key, a second tenant's key for the load, and where screenshots go. The script signs in, creates a
+// tenant and keys (each secret seen once), revokes and rotates, runs a load for two tenants while it
+// watches the live view and the fairness view, and prints what it saw as one JSON line; the Python test
+// asserts on it. Every browser request to anything but the gateway's origin is refused and recorded.
+
+import { readFileSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { chromium } from "playwright-core";
+
+const config = JSON.parse(readFileSync(process.argv[2], "utf8"));
+const { url, adminKey, betaKey, model, shots } = config;
+const origin = new URL(url).origin;
+const seen = { external: [], consoleErrors: [], requests: 0, steps: [] };
+const step = (name, data = {}) => seen.steps.push({ name, at: Date.now(), ...data });
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// Without the background-networking flags Chromium tries to reach Google's services at start-up.
+const profile = mkdtempSync(join(tmpdir(), "console-chromium-"));
+const browser = await chromium.launchPersistentContext(profile, {
+  executablePath: config.chromium || "/usr/bin/chromium",
+  headless: true,
+  viewport: { width: 1280, height: 800 },
+  args: [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+  ],
+});
+const context = browser;
+await context.grantPermissions(["clipboard-read", "clipboard-write"], { origin });
+await context.route("**/*", (route) => {
+  const target = route.request().url();
+  seen.requests += 1;
+  if (new URL(target).origin !== origin) {
+    seen.external.push(target);
+    return route.abort();
+  }
+  return route.continue();
+});
+const page = context.pages()[0] || (await context.newPage());
+page.on("console", (m) => {
+  // The API's refusals the scenario provokes (401, 422) are logged by Chromium as failed loads: expected.
+  if (/^Failed to load resource: the server responded with a status of 4\d\d/.test(m.text())) return;
+  if (m.type() === "error" || m.type() === "warning") seen.consoleErrors.push(`${m.type()}: ${m.text()}`);
+});
+page.on("pageerror", (e) => seen.consoleErrors.push(`pageerror: ${e.message}`));
+page.setDefaultTimeout(20000);
+
+async function shot(name, fullPage = false) {
+  await page.screenshot({ path: join(shots, `${name}.png`), fullPage });
+}
+
+/** Inputs, selects and textareas on the page without a label, and buttons and links without a name. */
+async function unlabelled() {
+  return page.evaluate(() => {
+    const bad = [];
+    for (const el of document.querySelectorAll("input, select, textarea")) {
+      if (el.type === "hidden") continue;
+      if (!(el.labels && el.labels.length) && !el.getAttribute("aria-label") && !el.getAttribute("aria-labelledby")) {
+        bad.push(el.outerHTML.slice(0, 120));
+      }
+    }
+    for (const el of document.querySelectorAll("button, a[href]")) {
+      if (!el.textContent.trim() && !el.getAttribute("aria-label") && !el.querySelector("img[alt]:not([alt=''])")) {
+        bad.push(el.outerHTML.slice(0, 120));
+      }
+    }
+    return bad;
+  });
+}
+const a11y = {};
+const counts = { acme: {}, beta: {} };
+let stopLoad = false;
+
+async function tileValue(name) {
+  const v = await page.locator(`[data-tile="${name}"]`).getAttribute("data-value");
+  return v === "" || v === null ? null : Number(v);
+}
+
+async function chartState(name) {
+  const el = page.locator(`[data-chart="${name}"]`);
+  return { points: Number(await el.getAttribute("data-points")), last: (await el.getAttribute("data-last")) || "" };
+}
+
+try {
+  // --- sign in (keyboard only), with a wrong key first ------------------------------------------------
+
+  await page.goto(`${url}/console/`);
+  await page.getByRole("heading", { name: "Gateway console" }).waitFor();
+  await shot("01-login");
+  seen.loginFocused = await page.evaluate(() => document.activeElement && document.activeElement.name);
+  await page.keyboard.type("sk-not-the-admin-key");
+  await page.keyboard.press("Enter");
+  const loginError = page.locator('[data-param="admin_key"] .field-error');
+  await loginError.waitFor({ state: "visible" });
+  seen.loginError = await loginError.textContent();
+  seen.loginInvalid = await page.locator("input[name=admin_key]").getAttribute("aria-invalid");
+  await shot("02-login-error");
+  await page.locator("input[name=admin_key]").fill("");
+  await page.keyboard.type(adminKey);
+  await page.keyboard.press("Enter");
+  await page.getByRole("heading", { name: "Tenants", level: 1 }).waitFor();
+  step("signed in");
+
+  // Backwards from the page's heading, the keyboard reaches the header's controls and then the skip
+  // link, which lands in <main>.
+  seen.tabOrder = [];
+  for (let i = 0; i < 8; i += 1) {
+    await page.keyboard.press("Shift+Tab");
+    const at = await page.evaluate(() => ({ id: document.activeElement.id, text: document.activeElement.textContent.trim() }));
+    seen.tabOrder.push(at.text);
+    if (at.id === "skip-link") break;
+  }
+  await page.keyboard.press("Enter");
+  seen.afterSkip = await page.evaluate(() => document.activeElement.id);
+
+  // --- create a tenant: first with an invalid weight, shown next to its field -------------------------
+
+  await page.getByRole("link", { name: "New tenant" }).click();
+  await page.getByRole("heading", { name: "New tenant", level: 1 }).waitFor();
+  await page.getByLabel("Tenant id").fill("acme");
+  await page.getByLabel("Display name").fill("Acme Research");
+  await page.getByLabel("Weight").fill("0");
+  await page.getByLabel("Requests per minute").fill("6000");
+  await page.getByLabel("Concurrent requests").fill("8");
+  await page.getByLabel("In-flight tokens").fill("2000");
+  await page.getByLabel("Budget amount").fill("5");
+  await page.getByLabel("Budget period").selectOption("day");
+  a11y.tenantForm = await unlabelled();
+  await page.getByRole("button", { name: "Create tenant" }).click();
+  const weightError = page.locator('[data-param="weight"] .field-error');
+  await weightError.waitFor({ state: "visible" });
+  seen.weightError = await weightError.textContent();
+  seen.weightFocused = await page.evaluate(() => document.activeElement.name);
+  seen.weightDescribedBy = await page.evaluate(() => {
+    const input = document.querySelector("input[name=weight]");
+    return (input.getAttribute("aria-describedby") || "").split(" ").some((id) => document.getElementById(id)?.classList.contains("field-error"));
+  });
+  await shot("03-tenant-form-error");
+  await page.getByLabel("Weight").fill("3");
+  await page.getByRole("button", { name: "Create tenant" }).click();
+  await page.waitForURL(/#\/tenants\/acme\/keys$/);
+  await page.getByRole("heading", { name: "New key" }).waitFor();
+  step("tenant created");
+
+  // --- keys: create (seen once, copied), revoke, create another and rotate it ------------------------
+
+  async function createKey(name) {
+    await page.getByLabel("Key name").fill(name);
+    await page.getByRole("button", { name: "Create key" }).click();
+    const dialog = page.locator("dialog[data-dialog=secret]");
+    await dialog.waitFor({ state: "visible" });
+    const secret = await page.locator("#secret-value").inputValue();
+    return { dialog, secret };
+  }
+
+  async function closeSecret(dialog) {
+    await page.getByRole("button", { name: "Done" }).click();
+    await dialog.waitFor({ state: "detached" });
+  }
+
+  async function pageHolds(secret) {
+    return page.evaluate(
+      (s) => document.documentElement.outerHTML.includes(s) || [...document.querySelectorAll("input, textarea")].some((el) => el.value.includes(s)),
+      secret,
+    );
+  }
+
+  const first = await createKey("ci");
+  seen.secretShape = /^sk-gw-[A-Za-z0-9_-]{43}$/.test(first.secret);
+  seen.secretFocused = await page.evaluate(() => document.activeElement.id);
+  await page.getByRole("button", { name: "Copy key" }).click();
+  await page.getByText("Copied to the clipboard.").waitFor();
+  seen.clipboardMatches = (await page.evaluate(() => navigator.clipboard.readText())) === first.secret;
+  a11y.secretDialog = await unlabelled();
+  await shot("04-key-secret");
+  await closeSecret(first.dialog);
+  seen.secretGoneFromPage = !(await pageHolds(first.secret));
+  const ciRow = page.locator("tr", { has: page.getByRole("rowheader", { name: /^ci/ }) });
+  seen.ciStateBefore = await ciRow.getAttribute("data-state");
+  const works = async (secret) =>
+    (await fetch(`${url}/v1/models`, { headers: { Authorization: `Bearer ${secret}` } })).status;
+  seen.ciStatusBefore = await works(first.secret);
+
+  // Revoke from the keyboard: the dialog opens on Enter, starts on Cancel, and Escape backs out.
+  await ciRow.getByRole("button", { name: "Revoke ci" }).focus();
+  await page.keyboard.press("Enter");
+  const confirm = page.locator("dialog[open]");
+  await confirm.waitFor();
+  seen.revokeDialogFocus = await page.evaluate(() => document.activeElement.textContent.trim());
+  await page.keyboard.press("Escape");
+  await confirm.waitFor({ state: "detached" });
+  seen.focusAfterEscape = await page.evaluate(() => document.activeElement.textContent.trim());
+  await ciRow.getByRole("button", { name: "Revoke ci" }).click();
+  await page.locator("dialog[open]").getByRole("button", { name: "Revoke key" }).click();
+  await page.locator('tr[data-state="revoked"]').waitFor();
+  seen.ciStateAfter = await page.locator("tr", { has: page.getByRole("rowheader", { name: /^ci/ }) }).getAttribute("data-state");
+  seen.ciStatusAfter = await works(first.secret);
+  step("key revoked");
+
+  const second = await createKey("load");
+  await closeSecret(second.dialog);
+  const loadRow = page.locator('tr[data-state="active"]', { has: page.getByRole("rowheader", { name: /^load/ }) });
+  await loadRow.getByRole("button", { name: "Rotate load" }).click();
+  await page.locator("dialog[open]").getByLabel("The old key keeps working for").selectOption("3600");
+  await page.locator("dialog[open]").getByRole("button", { name: "Rotate key" }).click();
+  const rotated = page.locator("dialog[data-dialog=secret]");
+  await rotated.waitFor({ state: "visible" });
+  const third = await page.locator("#secret-value").inputValue();
+  await closeSecret(rotated);
+  await page.locator('tr[data-state="expiring"]').waitFor();
+  seen.rotatedStates = await page.locator("tbody tr").evaluateAll((rows) => rows.map((r) => r.dataset.state));
+  seen.rotatedDiffers = third !== second.secret;
+  seen.oldKeyInGrace = await works(second.secret);
+  seen.newKeyWorks = await works(third);
+  a11y.keys = await unlabelled();
+  await shot("05-keys");
+  step("key rotated");
+
+  // --- a load for two tenants; the live view and the fairness view must move -------------------------
+
+  const counts = { acme: {}, beta: {} };
+  const loadDeadline = Date.now() + 90000; // bounded whatever happens
+  // A shared prefix of several KV blocks, so the backends' prefix cache reports cached tokens.
+  const prefix = Array.from({ length: 64 }, (_, i) => `word${i}`).join(" ");
+  async function loop(tenant, key, n) {
+    let i = 0;
+    while (!stopLoad && Date.now() < loadDeadline) {
+      i += 1;
+      const started = Date.now();
+      let status = 0;
+      try {
+        const r = await fetch(`${url}/v1/chat/completions`, {
+          method: "POST",
+          headers: { Authorization: `Bearer ${key}`, "Content-Type": "application/json" },
+          body: JSON.stringify({ model, max_tokens: 12, messages: [{ role: "user", content: `${prefix} question ${n}-${i}` }] }),
+        });
+        status = r.status;
+        await r.arrayBuffer();
+      } catch {
+        status = -1;
+      }
+      counts[tenant][status] = (counts[tenant][status] || 0) + 1;
+      // Refused at once: pause like a polite client instead of spinning.
+      if (status !== 200) await sleep(Math.max(0, 100 - (Date.now() - started)));
+    }
+  }
+  // One client of acme asks for more tokens than its in-flight cap allows: 429s (inflight_tokens) that
+  // take no capacity from anyone.
+  async function oversized(key) {
+    while (!stopLoad && Date.now() < loadDeadline) {
+      const r = await fetch(`${url}/v1/chat/completions`, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${key}`, "Content-Type": "application/json" },
+        body: JSON.stringify({ model, max_tokens: 4000, messages: [{ role: "user", content: "a long essay, please" }] }),
+      });
+      counts.acme[`oversized ${r.status}`] = (counts.acme[`oversized ${r.status}`] || 0) + 1;
+      await r.arrayBuffer();
+      await sleep(150);
+    }
+  }
+  const loops = [];
+  for (let n = 0; n < 6; n += 1) loops.push(loop("acme", third, n), loop("beta", betaKey, n));
+  loops.push(oversized(third));
+  step("load started");
+
+  await page.getByRole("link", { name: "Live" }).click();
+  await page.waitForURL(/#\/tenants\/acme\/live$/);
+  await page.locator('[data-chart="requests"]').waitFor();
+  const firstSeen = await chartState("requests");
+  await page.waitForFunction(() => Number(document.querySelector('[data-tile="requests"]').dataset.value || 0) > 0, null, { timeout: 30000 });
+  await page.waitForFunction(
+    () =>
+      ["requests", "tokens", "share", "wait", "limited", "cache", "spend"].every((name) => {
+        const el = document.querySelector(`[data-chart="${name}"]`);
+        return el && Number(el.dataset.points) >= 3;
+      }) &&
+      Number(document.querySelector('[data-tile="limited"]').dataset.value || 0) > 0 &&
+      Number(document.querySelector('[data-tile="cache"]').dataset.value || 0) > 0 &&
+      Number(document.querySelector('[data-tile="spend"]').dataset.value || 0) > 0,
+    null,
+    { timeout: 40000 },
+  );
+  const live1 = {
+    requests: await tileValue("requests"),
+    tokens: await tileValue("tokens"),
+    share: await tileValue("share"),
+    wait: await tileValue("wait"),
+    limited: await tileValue("limited"),
+    cache: await tileValue("cache"),
+    spend: await tileValue("spend"),
+    charts: {},
+  };
+  for (const name of ["requests", "tokens", "share", "wait", "limited", "cache", "spend"]) live1.charts[name] = await chartState(name);
+  await sleep(4500);
+  const live2 = { spend: await tileValue("spend"), charts: { requests: await chartState("requests"), tokens: await chartState("tokens") } };
+  seen.live = { firstSeen, live1, live2 };
+  a11y.live = await unlabelled();
+  await shot("06-live");
+  await shot("06-live-full", true);
+  step("live view moved");
+
+  await page.getByRole("link", { name: "Fairness" }).click();
+  await page.getByRole("heading", { name: "Fairness", level: 1 }).waitFor();
+  await page.waitForFunction(
+    () => ["acme", "beta"].every((t) => document.querySelector(`tr[data-tenant="${t}"] [data-share]`)?.dataset.share) &&
+      Number(document.querySelector('[data-chart="fairness"]')?.dataset.points || 0) >= 3,
+    null,
+    { timeout: 30000 },
+  );
+  // Let the window fill with contended intervals before reading the shares.
+  await sleep(6500);
+  seen.fairness = await page.evaluate(() => ({
+    shares: Object.fromEntries([...document.querySelectorAll("tr[data-tenant]")].map((r) => [r.dataset.tenant, Number(r.querySelector("[data-share]").dataset.share)])),
+    jain: Number(document.querySelector('[data-tile="jain"]').dataset.value),
+    chart: { points: Number(document.querySelector('[data-chart="fairness"]').dataset.points), series: document.querySelectorAll('[data-chart="fairness"] .latest-item').length },
+  }));
+  a11y.fairness = await unlabelled();
+  await shot("07-fairness");
+  step("fairness seen");
+
+  await page.getByRole("link", { name: "Tenants", exact: true }).first().click();
+  await page.getByRole("heading", { name: "Tenants", level: 1 }).waitFor();
+  await page.waitForFunction(() => /\/s$/.test(document.querySelector('[data-rate="acme"]')?.textContent || ""), null, { timeout: 15000 });
+  seen.tenantsRate = await page.locator('[data-rate="acme"]').textContent();
+  a11y.tenants = await unlabelled();
+  await shot("08-tenants");
+
+  // Narrow window: the same pages must stay readable.
+  await page.setViewportSize({ width: 420, height: 900 });
+  await sleep(300);
+  await shot("09-narrow-tenants", true);
+  await page.goto(`${url}/console/#/tenants/acme/live`);
+  await page.reload(); // the key was in memory only: a reload asks for it again, then opens the same page
+  await page.getByRole("heading", { name: "Gateway console" }).waitFor();
+  seen.reloadSignsOut = true;
+  await page.locator("input[name=admin_key]").fill(adminKey);
+  await page.keyboard.press("Enter");
+  await page.waitForFunction(() => Number(document.querySelector('[data-tile="requests"]')?.dataset.value || 0) > 0, null, { timeout: 30000 });
+  await sleep(2500);
+  await shot("10-narrow-live", true);
+  seen.narrowOverflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  await page.getByRole("link", { name: "Keys" }).click();
+  await page.locator("tbody tr").first().waitFor();
+  await shot("11-narrow-keys", true);
+  seen.narrowKeysOverflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  await page.setViewportSize({ width: 1280, height: 800 });
+
+  stopLoad = true;
+  await Promise.all(loops);
+  seen.load = counts;
+  step("load stopped");
+
+  // --- edit the tenant: an invalid limit first, then a new weight ------------------------------------
+
+  await page.getByRole("link", { name: "Settings" }).click();
+  await page.getByRole("button", { name: "Save changes" }).waitFor();
+  await page.getByLabel("Requests per minute").fill("1.5");
+  await page.getByRole("button", { name: "Save changes" }).click();
+  const rpmError = page.locator('[data-param="limits.rpm"] .field-error');
+  await rpmError.waitFor({ state: "visible" });
+  seen.rpmError = await rpmError.textContent();
+  seen.rpmFocused = await page.evaluate(() => document.activeElement.name);
+  a11y.settings = await unlabelled();
+  await shot("12-settings-error");
+  await page.getByLabel("Requests per minute").fill("6000");
+  await page.getByLabel("Weight").fill("2");
+  await page.getByLabel("Prefix-cache scope").selectOption("group");
+  await page.getByLabel("Group name").fill("research");
+  await page.getByRole("button", { name: "Save changes" }).click();
+  await page.waitForURL(/#\/tenants\/acme\/live$/);
+  await page.locator(".facts", { hasText: "Weight 2" }).waitFor();
+  seen.factsAfterEdit = await page.locator(".facts").textContent();
+  step("tenant edited");
+
+} catch (err) {
+  // Leave a picture and what was seen so far, for whoever reads the failing test.
+  seen.failure = `${err.message}`.slice(0, 2000);
+  await shot("failure", true).catch(() => {});
+}
+seen.a11y = a11y;
+stopLoad = true;
+await context.close();
+rmSync(profile, { recursive: true, force: true });
+console.log(JSON.stringify(seen));
