@@ -6,10 +6,12 @@ currency (counters, which only grow), and the in-flight and queued gauges. A rea
 snapshots to get rates, shares and queue-wait quantiles over the interval between them.
 
 Several processes (the workers of a replica, replicas sharing Redis) each publish their own snapshot into
-the store every `stats_interval_s`, with a TTL; a read sums this process's fresh snapshot with the other
-live ones. The ids of the processes summed come with the answer: when they change (a process started or
-died), the sum jumps like a Prometheus counter reset, and a reader skips that interval. A single embedded
-process (no Redis, one worker) publishes nothing: its own snapshot is the whole answer.
+the store every `stats_interval_s`, with a TTL, while a reader has asked for them in the last `WANTED_S`
+seconds; a read asks, then sums this process's fresh snapshot with the other live ones (so the first read
+after a quiet spell sees this process alone). The ids of the processes summed come with the answer: when
+they change (a process started or died), the sum jumps like a Prometheus counter reset, and a reader skips
+that interval. A single embedded process (no Redis, one worker) publishes nothing: its own snapshot is the
+whole answer.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import asyncio
 import contextlib
 import logging
 import math
+import operator
 import os
 import socket
 import time
-from collections.abc import Iterable
+from itertools import accumulate
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -32,6 +36,10 @@ from gateway.tenancy import Budget, Tenant
 __all__ = ["LiveStats", "Snapshot", "StatsReport", "TenantCounters", "merge", "read_snapshot"]
 
 log = logging.getLogger("gateway.stats")
+
+# A read asks the other processes to publish for this long: the console polls every 2 s, so they stop
+# half a minute after the last console closes.
+WANTED_S = 30.0
 
 
 class QueueWait(BaseModel):
@@ -86,58 +94,72 @@ class StatsReport(BaseModel):
 
 
 def read_snapshot(metrics: Metrics, replica: str, started_at: float) -> Snapshot:
-    """This process's counters, from the collectors the request path already updates."""
-    tenants: dict[str, TenantCounters] = {}
-    buckets: dict[str, dict[float, int]] = {}
+    """This process's counters, read from the collectors the request path already updates.
 
-    def of(labels: dict[str, str]) -> TenantCounters:
-        tenant = labels["tenant"]
-        found = tenants.get(tenant)
-        if found is None:
-            found = tenants[tenant] = TenantCounters()
-        return found
-
-    def add(into: dict[str, int], name: str, value: float) -> None:
-        into[name] = into.get(name, 0) + round(value)
-
-    for name, labels, value in _samples(metrics.requests):
-        if name.endswith("_total"):
-            add(of(labels).requests, labels["status"], value)
-    for name, labels, value in _samples(metrics.tokens):
-        if name.endswith("_total"):
-            add(of(labels).tokens, labels["kind"], value)
-    for name, labels, value in _samples(metrics.rejections):
-        if name.endswith("_total"):
-            add(of(labels).rejections, labels["reason"], value)
-    for name, labels, value in _samples(metrics.spend):
-        if name.endswith("_total"):
-            spend = of(labels).spend
-            spend[labels["currency"]] = spend.get(labels["currency"], 0.0) + value
-    for name, labels, value in _samples(metrics.queue_wait):
-        counters = of(labels)
-        if name.endswith("_count"):
-            counters.queue_wait.count += round(value)
-        elif name.endswith("_sum"):
-            counters.queue_wait.sum += value
-        elif name.endswith("_bucket"):
-            per_tenant = buckets.setdefault(labels["tenant"], {})
-            bound = float(labels["le"])
-            per_tenant[bound] = per_tenant.get(bound, 0) + round(value)
-    for _, labels, value in _samples(metrics.inflight):
-        of(labels).inflight += round(value)
-    for _, labels, value in _samples(metrics.queued):
-        of(labels).queued += round(value)
+    The children's values are read directly (`_by_tenant`, and each value's float without its lock: the
+    request path updates them on this thread, and reading a float attribute is atomic): `collect()`
+    builds a sample object per bucket and costs several times more (30 ms for 100 tenants on three
+    models, most of it the histogram), a pause the event loop would feel. tests/test_stats.py holds the
+    two readings together, so a prometheus_client upgrade that changes these internals fails there.
+    """
     bounds = [b for b in metrics.queue_wait_bounds if math.isfinite(b)]
-    for tenant, counters in tenants.items():
-        per_tenant = buckets.get(tenant, {})
-        counters.queue_wait.buckets = [per_tenant.get(b, 0) for b in bounds]
+    requests = _by_tenant(metrics.requests, "status")
+    tokens = _by_tenant(metrics.tokens, "kind")
+    rejections = _by_tenant(metrics.rejections, "reason")
+    spend = _by_tenant(metrics.spend, "currency")
+    inflight = _by_tenant(metrics.inflight, None)
+    queued = _by_tenant(metrics.queued, None)
+    waits = _histograms(metrics.queue_wait)
+    tenants: dict[str, TenantCounters] = {}
+    seen = set().union(requests, tokens, rejections, spend, waits, inflight, queued)
+    for tenant in seen:
+        counts, total = waits.get(tenant, ([0.0] * (len(bounds) + 1), 0.0))
+        tenants[tenant] = TenantCounters(
+            requests={k: round(v) for k, v in requests.get(tenant, {}).items()},
+            tokens={k: round(v) for k, v in tokens.get(tenant, {}).items()},
+            rejections={k: round(v) for k, v in rejections.get(tenant, {}).items()},
+            spend=spend.get(tenant, {}),
+            queue_wait=QueueWait(count=round(counts[-1]), sum=total, buckets=[round(n) for n in counts[: len(bounds)]]),
+            inflight=round(inflight.get(tenant, {}).get("", 0.0)),
+            queued=round(queued.get(tenant, {}).get("", 0.0)),
+        )
     return Snapshot(replica=replica, started_at=started_at, time=time.time(), queue_wait_bounds=bounds, tenants=tenants)
 
 
-def _samples(metric: object) -> Iterable[tuple[str, dict[str, str], float]]:
-    for family in metric.collect():  # type: ignore[attr-defined]
-        for sample in family.samples:
-            yield sample.name, sample.labels, sample.value
+def _items(metric: Any) -> tuple[tuple[str, ...], list[tuple[tuple[str, ...], Any]]]:
+    """A labelled metric's label names and children (prometheus_client keeps them in `_metrics`)."""
+    with metric._lock:
+        return metric._labelnames, list(metric._metrics.items())
+
+
+def _by_tenant(metric: Any, label: str | None) -> dict[str, dict[str, float]]:
+    """Counter or gauge values summed per tenant and per value of `label` (all under "" if None)."""
+    names, items = _items(metric)
+    at_tenant = names.index("tenant")
+    at_label = names.index(label) if label is not None else None
+    out: dict[str, dict[str, float]] = {}
+    for values, child in items:
+        per = out.get(values[at_tenant])
+        if per is None:
+            per = out[values[at_tenant]] = {}
+        key = values[at_label] if at_label is not None else ""
+        per[key] = per.get(key, 0.0) + child._value._value
+    return out
+
+
+def _histograms(metric: Any) -> dict[str, tuple[list[float], float]]:
+    """Per tenant, the cumulative bucket counts (the last is +Inf, the count) and the sum, over models."""
+    names, items = _items(metric)
+    at_tenant = names.index("tenant")
+    out: dict[str, tuple[list[float], float]] = {}
+    for values, child in items:
+        # A child keeps one count per bucket; the snapshot's are cumulative.
+        counts = list(accumulate([bucket._value for bucket in child._buckets]))
+        found = out.get(values[at_tenant])
+        if found is not None:
+            counts = list(map(operator.add, found[0], counts))
+        out[values[at_tenant]] = (counts, (found[1] if found else 0.0) + child._sum._value)
+    return out
 
 
 def merge(snapshots: list[Snapshot]) -> dict[str, TenantCounters]:
@@ -201,7 +223,9 @@ class LiveStats:
     async def _run(self) -> None:
         while True:
             try:
-                await self.publish()
+                # Only while someone reads: with no console open, a process does not read its collectors.
+                if await self._store.stats_wanted():
+                    await self.publish()
             except Exception:  # the store may be down: the next round tries again
                 log.debug("could not publish live stats", exc_info=True)
             await asyncio.sleep(self._interval)
@@ -216,6 +240,7 @@ class LiveStats:
         complete = True
         if self._publish:
             try:
+                await self._store.want_stats(WANTED_S)
                 published = await self._store.list_stats()
             except Exception:
                 log.warning("could not read other processes' live stats; answering with this one's", exc_info=True)

@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.metrics import Metrics
+from gateway.stats import merge, read_snapshot
 from tests.support.admin import create_key, create_tenant, tenant_with_key
 from tests.support.gateway import GatewayProc, start_gateway
 from tests.support.redis_server import RedisServer
@@ -148,3 +150,60 @@ def test_workers_sum_through_sqlite(sim: SimHandle, tmp_path: Path) -> None:
         eventually(summed)
     finally:
         gw.stop()
+
+
+def test_direct_reading_matches_the_collectors() -> None:
+    """`read_snapshot` reads prometheus_client's children directly (fast); `collect()` is the public
+    reading: they must agree, so a library upgrade that changes the internals fails here."""
+    metrics = Metrics()
+    for i, tenant in enumerate(("a", "b", "other")):
+        for model in ("m1", "m2"):
+            metrics.requests.labels(tenant, model, "200").inc(3 + i)
+            metrics.requests.labels(tenant, model, "429").inc(i)
+            metrics.tokens.labels(tenant, model, "prompt").inc(100 * (i + 1))
+            metrics.tokens.labels(tenant, model, "cached").inc(40)
+            for wait in (0.0, 0.004, 0.3, 400.0):
+                metrics.queue_wait.labels(tenant, model).observe(wait * (i + 1))
+        metrics.rejections.labels(tenant, "rpm").inc(i + 1)
+        metrics.spend.labels(tenant, "USD").inc(0.25 * (i + 1))
+        metrics.spend.labels(tenant, "EUR").inc(0.5)
+        metrics.inflight.labels(tenant).set(i)
+        metrics.queued.labels(tenant).set(2 * i)
+    snapshot = read_snapshot(metrics, "r", 0.0)
+
+    expected: dict[str, dict[str, Any]] = {}
+    bounds = snapshot.queue_wait_bounds
+    for metric in (metrics.requests, metrics.tokens, metrics.rejections, metrics.spend, metrics.queue_wait):
+        for family in metric.collect():
+            for sample in family.samples:
+                t = expected.setdefault(sample.labels["tenant"], {"buckets": [0] * len(bounds)})
+                name, labels, value = sample.name, sample.labels, sample.value
+                if name == "gateway_requests_total":
+                    t.setdefault("requests", {}).setdefault(labels["status"], 0)
+                    t["requests"][labels["status"]] += value
+                elif name == "gateway_tokens_total":
+                    t.setdefault("tokens", {}).setdefault(labels["kind"], 0)
+                    t["tokens"][labels["kind"]] += value
+                elif name == "gateway_rejections_total":
+                    t.setdefault("rejections", {})[labels["reason"]] = value
+                elif name == "gateway_spend_total":
+                    t.setdefault("spend", {})[labels["currency"]] = value
+                elif name == "gateway_queue_wait_seconds_count":
+                    t["count"] = t.get("count", 0) + value
+                elif name == "gateway_queue_wait_seconds_sum":
+                    t["sum"] = t.get("sum", 0) + value
+                elif name == "gateway_queue_wait_seconds_bucket" and labels["le"] != "+Inf":
+                    t["buckets"][bounds.index(float(labels["le"]))] += value
+    assert set(snapshot.tenants) == set(expected) == {"a", "b", "other"}
+    for tenant, counters in snapshot.tenants.items():
+        want = expected[tenant]
+        assert counters.requests == want["requests"] and counters.tokens == want["tokens"]
+        assert counters.rejections == want["rejections"] and counters.spend == want["spend"]
+        assert counters.queue_wait.count == want["count"] == 8
+        assert counters.queue_wait.sum == pytest.approx(want["sum"])
+        assert counters.queue_wait.buckets == want["buckets"]
+    assert (snapshot.tenants["b"].inflight, snapshot.tenants["b"].queued) == (1, 2)
+    # Summing two processes adds everything up, histograms bucket by bucket.
+    total = merge([snapshot, snapshot])["a"]
+    assert total.requests == {"200": 12, "429": 0} and total.queue_wait.count == 16
+    assert total.queue_wait.buckets == [2 * n for n in snapshot.tenants["a"].queue_wait.buckets]

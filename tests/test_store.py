@@ -123,3 +123,11 @@ async def test_live_stats_snapshots_expire(store: Store) -> None:
     await store.put_stats("b", '{"n": 4}', ttl_s=0)
     assert await store.list_stats() == {"a": '{"n": 3}'}
     assert await store.list_stats() == {"a": '{"n": 3}'}
+
+
+async def test_live_stats_are_wanted_for_a_while(store: Store) -> None:
+    assert await store.stats_wanted() is False
+    await store.want_stats(30)
+    assert await store.stats_wanted() is True
+    await store.want_stats(0)  # the last reader's wish has run out
+    assert await store.stats_wanted() is False

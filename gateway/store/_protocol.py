@@ -50,6 +50,12 @@ class Store(Protocol):
     async def list_stats(self) -> dict[str, str]:
         """The snapshots published within their TTL, by process (replica or worker) id."""
 
+    async def want_stats(self, for_s: float) -> None:
+        """Ask every process to publish its snapshot for the next `for_s` seconds (someone is reading)."""
+
+    async def stats_wanted(self) -> bool:
+        """Whether a reader asked for snapshots less than its `for_s` ago."""
+
     async def get_or_set_meta(self, name: str, value: str) -> str:
         """Return the stored value of `name`, storing `value` first if there is none (atomically)."""
 

@@ -27,6 +27,7 @@ _AUDIT = _P + "audit"  # list of docs; position + 1 = sequence number
 _META = _P + "meta"
 _STATS = _P + "stats"  # hash replica id -> live-stats snapshot
 _STATS_EXPIRY = _P + "stats_expiry"  # sorted set replica id scored by when its snapshot expires
+_STATS_WANTED = _P + "stats_wanted"  # exists while a reader wants snapshots published
 
 
 _USAGE_TTL_S = 400 * 86400
@@ -213,6 +214,17 @@ class RedisStore:
                 await pipe.execute()
             docs = await self._r.hgetall(_STATS)
         return {_text(k): _text(v) for k, v in docs.items() if k not in stale}
+
+    async def want_stats(self, for_s: float) -> None:
+        async with _seam():
+            if for_s <= 0:
+                await self._r.delete(_STATS_WANTED)
+            else:
+                await self._r.set(_STATS_WANTED, b"1", px=max(1, round(for_s * 1000)))
+
+    async def stats_wanted(self) -> bool:
+        async with _seam():
+            return bool(await self._r.exists(_STATS_WANTED))
 
     async def get_or_set_meta(self, name: str, value: str) -> str:
         async with _seam():

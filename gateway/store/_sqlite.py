@@ -171,6 +171,17 @@ class SqliteStore:
         self._db.execute("DELETE FROM stats WHERE expires <= ?", (now,))
         return dict(self._db.execute("SELECT replica, doc FROM stats").fetchall())
 
+    async def want_stats(self, for_s: float) -> None:
+        self._db.execute(
+            "INSERT INTO meta (name, value) VALUES ('stats_wanted_until', ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (repr(time.time() + for_s),),
+        )
+
+    async def stats_wanted(self) -> bool:
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'stats_wanted_until'").fetchone()
+        return row is not None and float(row[0]) > time.time()
+
     async def get_or_set_meta(self, name: str, value: str) -> str:
         self._db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)", (name, value))
         row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
