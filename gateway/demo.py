@@ -67,6 +67,7 @@ Gateway demo is running at {base}  (simulated vLLM behind it; Ctrl-C stops both)
   tenant team-a key:  {keys["team-a"]}
   tenant team-b key:  {keys["team-b"]}
   admin key:          {admin_key}
+  console:            {base}/console/  (sign in with the admin key)
   config:             {config_path}
 
 Paste into Python (pip install openai):

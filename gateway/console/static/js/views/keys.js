@@ -60,7 +60,7 @@ export async function keysView(host, tenant) {
           "tr",
           { "data-key": k.id, "data-state": state },
           h("th", { scope: "row" }, keyName, h("span", { class: "sub mono" }, k.id)),
-          h("td", { class: "mono optional" }, `${k.prefix}…`),
+          h("td", { class: "mono optional" }, k.prefix.endsWith("…") ? k.prefix : `${k.prefix}…`),
           h("td", { class: "optional" }, fmt.when(k.created_at)),
           h("td", {}, h("span", { class: `pill pill-${state}` }, label)),
           h(

@@ -50,11 +50,12 @@ export function tenantForm(host, tenant, { onSaved }) {
   f.scope.control.addEventListener("change", syncGroup);
   syncGroup();
 
-  const submit = h("button", { type: "submit", class: "button button-primary" }, editing ? "Save changes" : "Create tenant");
+  const managed = editing && t.config_managed;
+  const submit = h("button", { type: "submit", class: "button button-primary", disabled: managed }, editing ? "Save changes" : "Create tenant");
   const cancelHref = editing ? `#/tenants/${encodeURIComponent(t.id)}` : "#/tenants";
   const fields = h(
     "fieldset",
-    { class: "plain", disabled: editing && t.config_managed },
+    { class: "plain", disabled: managed },
     h("section", { class: "form-section" }, h("h2", {}, "Identity"), h("div", { class: "grid-2" }, f.id, f.name)),
     h("section", { class: "form-section" }, h("h2", {}, "Share and access"), h("div", { class: "grid-3" }, f.weight, f.priority, f.models)),
     h("section", { class: "form-section" }, h("h2", {}, "Limits"), h("div", { class: "grid-3" }, ...limits)),
@@ -65,7 +66,7 @@ export function tenantForm(host, tenant, { onSaved }) {
   const form = h(
     "form",
     { class: "card form", novalidate: true, "aria-label": editing ? `Settings of ${t.id}` : "New tenant" },
-    editing && t.config_managed ? h("p", { class: "notice" }, "This tenant is declared in the config file: change it there and reload the gateway.") : null,
+    managed ? h("p", { class: "notice" }, "This tenant is declared in the config file: change it there and reload the gateway.") : null,
     formError(),
     fields,
     h("div", { class: "form-actions" }, h("a", { class: "button button-quiet", href: cancelHref }, "Cancel"), submit),
@@ -117,8 +118,8 @@ export function tenantForm(host, tenant, { onSaved }) {
   });
 
   host.replaceChildren(form);
-  if (editing && !t.config_managed) host.append(dangerZone(t));
-  (editing ? f.name : f.id).control.focus();
+  if (editing && !managed) host.append(dangerZone(t));
+  if (!managed) (editing ? f.name : f.id).control.focus();
 }
 
 function dangerZone(t) {
