@@ -70,9 +70,15 @@ def test_spans_for_unary_and_stream(traced: tuple[str, InMemorySpanExporter, Sim
             model="m", messages=[{"role": "user", "content": SECRET_PROMPT}], max_tokens=4, stream=True
         )
     )
-    spans = exporter.get_finished_spans()
-    servers = [s for s in spans if s.kind == SpanKind.SERVER]
-    clients = [s for s in spans if s.kind == SpanKind.CLIENT]
+    # The stream's server span ends just after its last chunk went out, which the client may read first.
+    deadline = time.monotonic() + 5
+    while True:
+        spans = exporter.get_finished_spans()
+        servers = [s for s in spans if s.kind == SpanKind.SERVER]
+        clients = [s for s in spans if s.kind == SpanKind.CLIENT]
+        if (len(servers), len(clients)) == (2, 2) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     assert len(servers) == 2 and len(clients) == 2
     for server_span, tokens in zip(servers, (3, 4), strict=True):
         attrs = dict(server_span.attributes or {})
