@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from gateway.sim import shapes
+from gateway.sim import anthropic, shapes
 from gateway.sim.asgi import (
     ClientGone,
     Receive,
@@ -49,7 +49,14 @@ _SSE_START = {
 }
 _DONE = b"data: [DONE]\n\n"
 _UNWATCHED_S = 0.002
-_ID_PREFIX = {"chat": "chatcmpl-", "completion": "cmpl-", "responses": "resp_"}
+_ID_PREFIX = {"chat": "chatcmpl-", "completion": "cmpl-", "responses": "resp_", "messages": "msg_"}
+_MESSAGES = "/v1/messages"
+_PING = anthropic.event({"type": "ping"})
+_BLOCK_START = anthropic.event(
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+)
+_BLOCK_STOP = anthropic.event({"type": "content_block_stop", "index": 0})
+_MESSAGE_STOP = anthropic.event({"type": "message_stop"})
 
 
 class _Dropped(Exception):
@@ -91,6 +98,7 @@ class SimApp:
             ("POST", "/v1/completions"): self._completions,
             ("POST", "/v1/responses"): self._responses,
             ("POST", "/v1/embeddings"): self._embeddings,
+            ("POST", _MESSAGES): self._messages,
             ("GET", "/v1/models"): self._models,
             ("GET", "/health"): self._health,
             ("GET", "/metrics"): self._metrics,
@@ -144,7 +152,8 @@ class SimApp:
         except SimError as exc:
             if counted:
                 stats.failed += 1
-            await send_body(send, exc.status, orjson.dumps(exc.body()))
+            body = anthropic.error_body(exc.status, exc.message) if path == _MESSAGES else exc.body()
+            await send_body(send, exc.status, orjson.dumps(body))
         except ClientGone:
             if counted:
                 stats.cancelled += 1
@@ -229,6 +238,66 @@ class SimApp:
                 if with_usage:
                     obj = "chat.completion.chunk" if chat else "text_completion"
                     tail = _sse(shapes.usage_chunk(rid, created, model, obj, usage)) + _DONE
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
+        except _Dropped:
+            self.stats.dropped += 1
+            await close_connection(receive)
+            return
+        self.stats.completed += 1
+
+    # -- Anthropic Messages ----------------------------------------------------------------------------
+
+    async def _messages(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await self._read_json(receive)
+        fault = self._take_fault(_MESSAGES)
+        if fault is not None and fault.mode != "drop_midstream":
+            await self._inject(fault, receive, send)
+            return
+        anthropic.check_headers(dict(scope["headers"]), self.config.api_key)
+        job = anthropic.parse_messages(body, self.config)
+        rid = self._new_id("messages")
+        if job.stream:
+            await self._messages_stream(job, rid, receive, send, fault)
+            return
+        admission = self.engine.try_admit(job)
+        async with _disconnect_guard(receive, admission):
+            usage = await self.engine.complete(job, admission)
+        text = shapes.output_text(usage.completion_tokens)
+        await self._send_result(anthropic.message(rid, job.model, text, usage, job.finish_reason), receive, send, fault)
+
+    async def _messages_stream(self, job: Job, rid: str, receive: Receive, send: Send, fault: Fault | None) -> None:
+        """Anthropic's event sequence: message_start, content_block_start, ping, one content_block_delta per
+        token, content_block_stop, message_delta (stop reason, output usage), message_stop."""
+        drop_after = None if fault is None else fault.after_tokens
+        admission = self.engine.try_admit(job)
+
+        async def on_token(i: int) -> None:
+            if drop_after is not None and i >= drop_after:
+                raise _Dropped
+            text = {"type": "text_delta", "text": shapes.token_text(i)}
+            data = anthropic.event({"type": "content_block_delta", "index": 0, "delta": text})
+            if i == 0:
+                assert admission is not None
+                start = anthropic.event(anthropic.message_start(rid, job.model, admission.usage))
+                data = start + _BLOCK_START + _PING + data
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        await send(_SSE_START)
+        try:
+            async with _disconnect_guard(receive, admission):
+                if admission is None:
+                    # Admitted here (not inside the engine) so the first event can report the cached tokens;
+                    # nothing suspends between taking the slot and the engine's `finally` that frees it.
+                    admission = await self.engine.admit(job)
+                usage = await self.engine.stream(job, on_token, admission)
+                if drop_after is not None:
+                    raise _Dropped
+                end = {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": job.finish_reason, "stop_sequence": None},
+                    "usage": {"output_tokens": usage.completion_tokens},
+                }
+                tail = _BLOCK_STOP + anthropic.event(end) + _MESSAGE_STOP
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
         except _Dropped:
             self.stats.dropped += 1
@@ -328,9 +397,8 @@ class SimApp:
 
     async def _inject(self, fault: Fault, receive: Receive, send: Send) -> None:
         """Apply a fault that replaces the whole response (drop_midstream here means: close at once)."""
-        if fault.mode in ("error_500", "error_503"):
-            status = 500 if fault.mode == "error_500" else 503
-            raise SimError(status, f"simulated fault: {fault.mode}")
+        if fault.mode.startswith("error_"):
+            raise SimError(int(fault.mode.removeprefix("error_")), f"simulated fault: {fault.mode}")
         if fault.mode == "hang":
             await wait_disconnect(receive)
             raise ClientGone

@@ -78,6 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="benchmarks: put each streamed chunk's send time (monotonic ns) in it as x_sim_sent_ns",
     )
     add(
+        "--api-key",
+        default=None,
+        help="the x-api-key that /v1/messages (Anthropic's API) requires; any key is accepted when unset",
+    )
+    add(
         "--model",
         dest="models",
         action="append",
@@ -100,6 +105,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         embedding_dim=args.embedding_dim,
         stamp_chunks=args.stamp_chunks,
         models=tuple(args.models) if args.models else SimConfig().models,
+        api_key=args.api_key,
     )
 
 

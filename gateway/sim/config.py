@@ -36,6 +36,8 @@ class SimConfig:
     stamp_chunks: bool = False
     """Benchmarks: put the send time (`time.monotonic_ns()`) in every streamed chunk as `x_sim_sent_ns`, so a
     client on the same machine can measure each chunk's one-way delay (through a gateway or not)."""
+    api_key: str | None = None
+    """When set, `/v1/messages` answers 401 unless `x-api-key` is this value (any key is accepted otherwise)."""
 
     def __post_init__(self) -> None:
         for name in ("ttft_ms", "itl_ms", "prefill_us_per_token"):

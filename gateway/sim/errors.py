@@ -16,6 +16,7 @@ _TYPES = {
     404: "NotFoundError",
     405: "MethodNotAllowedError",
     413: "RequestEntityTooLargeError",
+    429: "TooManyRequestsError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }

@@ -4,6 +4,8 @@ Modes:
     none              serve normally
     error_500         answer 500 with vLLM's error body
     error_503         answer 503 with vLLM's error body
+    error_429         answer 429 (a provider's rate limit; Anthropic's body on /v1/messages)
+    error_529         answer 529 (Anthropic's "overloaded")
     hang              never answer, until the client goes away
     drop_midstream    close the connection after `after_tokens` streamed tokens (non-streaming: after
                       half of the response body)
@@ -19,11 +21,15 @@ from gateway.sim.errors import SimError
 
 __all__ = ["DEFAULT_FAULT_PATHS", "FAULT_MODES", "Fault", "Faults"]
 
-FAULT_MODES = frozenset({"none", "error_500", "error_503", "hang", "drop_midstream", "close_connection"})
+FAULT_MODES = frozenset(
+    {"none", "error_429", "error_500", "error_503", "error_529", "hang", "drop_midstream", "close_connection"}
+)
 
 # Health checks and model listings keep working unless a test names them, so a gateway's prober does
 # not eat a fault meant for the request under test.
-DEFAULT_FAULT_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"})
+DEFAULT_FAULT_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages"}
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from gateway.sim.errors import SimError
 
 __all__ = ["EmbeddingJob", "Job", "parse_chat", "parse_completion", "parse_embeddings", "parse_responses"]
 
-Kind = Literal["chat", "completion", "responses"]
+Kind = Literal["chat", "completion", "responses", "messages"]
 
 _SALT_MAX_CHARS = 128
 _SALT_FORBIDDEN = ("/", "@", "\\", "\x00")
