@@ -6,9 +6,9 @@ atomic call to the quota store (`gateway.limits`), then the fair queue for the c
 `finish` whatever happens (completion, error, cancellation), so leases, reserved tokens, budget and the
 queue slot are always settled.
 
-Token estimates: the prompt is estimated from the body size (4 bytes per token, the usual English
-average), the completion from `max_tokens` or `limits.default_max_tokens`; both are corrected with the
-backend's real usage on completion.
+Token estimates: the prompt from the text the model reads (`gateway.tokens`: bytes / 4, or cl100k_base),
+the completion from `max_tokens` or `limits.default_max_tokens`; both are corrected with the backend's
+real usage on completion.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import asyncio
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.config import ModelConfig, Settings
 from gateway.errors import QuotaExceededError, RateLimitError
@@ -24,6 +25,7 @@ from gateway.limits import Decision, QuotaLimits, QuotaStore, RateHeaders, Reser
 from gateway.metrics import Metrics
 from gateway.scheduler import Job, QueueFull, QueueTimeout, Scheduler, Ticket
 from gateway.tenancy import Principal, Quotas
+from gateway.tokens import ByteCounter, TokenCounter, prompt_tokens
 
 __all__ = ["Admission", "Admitted", "format_reset", "rate_headers"]
 
@@ -100,8 +102,16 @@ class Admitted:
 
 
 class Admission:
-    def __init__(self, settings: Settings, quotas: QuotaStore, metrics: Metrics, workers: int = 1) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        quotas: QuotaStore,
+        metrics: Metrics,
+        workers: int = 1,
+        tokens: TokenCounter | None = None,
+    ) -> None:
         self._settings = settings
+        self._tokens = tokens or ByteCounter()
         self._quotas = quotas
         self._metrics = metrics
         self._lease_ttl = settings.lease_ttl_s
@@ -127,8 +137,8 @@ class Admission:
         self.schedulers = schedulers
         self._settings = settings
 
-    def estimate(self, body_bytes: int, max_tokens: int | None) -> tuple[int, int]:
-        prompt = max(1, body_bytes // 4)
+    def estimate(self, endpoint: str, body: dict[str, Any], max_tokens: int | None) -> tuple[int, int]:
+        prompt = prompt_tokens(endpoint, body, self._tokens)
         output = max_tokens if max_tokens is not None else self._settings.limits.default_max_tokens
         return prompt, output
 
@@ -242,6 +252,16 @@ class Admission:
                 self._metrics.queued.labels(label).dec()
         admitted.scheduler = scheduler
         self._metrics.child(self._metrics.queue_wait, label, model).observe(admitted.ticket.queue_wait_s)
+
+    def release_slot(self, admitted: Admitted) -> None:
+        """Give back the backend slot alone (the request moves to another backend; its quotas stay held).
+
+        The fair queue's charge is refunded: the backend did no work for it.
+        """
+        if admitted.ticket is not None and admitted.scheduler is not None:
+            admitted.scheduler.release(admitted.ticket, input_tokens=0, output_tokens=0)
+        admitted.ticket = None
+        admitted.scheduler = None
 
     async def finish(self, admitted: Admitted, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
         """Release everything the request held and charge what it really used. Safe to call twice."""

@@ -56,6 +56,9 @@ class LimitsConfig(_Frozen):
     client_body_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     keep_alive_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # Prompt token estimates for admission (gateway/tokens.py): `bytes` (UTF-8 bytes / 4), `tiktoken`
+    # (cl100k_base as shipped in the `providers` extra), or `auto`: tiktoken iff a litellm backend exists.
+    tokenizer: Literal["auto", "bytes", "tiktoken"] = "auto"
 
 
 class BackendConfig(_Frozen):
@@ -67,7 +70,17 @@ class BackendConfig(_Frozen):
     shares_prefix_cache: bool = False
     # The name of the environment variable holding the backend's API key (never the key itself).
     api_key_env: str | None = None
-    provider_model: str | None = None
+    # kind: litellm only: litellm's model string, provider first ("anthropic/claude-haiku-4-5"); `url` is
+    # then the provider's API base.
+    provider_model: str | None = Field(default=None, min_length=3, max_length=200)
+
+    @model_validator(mode="after")
+    def _provider_model(self) -> BackendConfig:
+        if self.kind == "litellm" and (self.provider_model is None or "/" not in self.provider_model):
+            raise ValueError("provider_model: a litellm backend needs one, as 'provider/model'")
+        if self.kind != "litellm" and self.provider_model is not None:
+            raise ValueError("provider_model: only for kind: litellm")
+        return self
 
 
 class Price(_Frozen):
