@@ -16,6 +16,7 @@ import signal
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -31,7 +32,7 @@ from gateway.asgi import ClientDisconnected, Message, Receive, Scope, Send, head
 from gateway.auth import Authenticator, bearer_token
 from gateway.backends import BackendPool
 from gateway.billing import Billing
-from gateway.config import ConfigError, Settings
+from gateway.config import BackendConfig, ConfigError, Price, Settings
 from gateway.console import PREFIX as CONSOLE_PREFIX
 from gateway.console import Console
 from gateway.errors import AuthenticationError, GatewayError, NotFoundError
@@ -39,12 +40,15 @@ from gateway.keys import hash_key, hashes_equal
 from gateway.limits import FailoverQuotaStore, LocalQuotaStore, PipelinedRedis, QuotaStore, RedisQuotaStore
 from gateway.metrics import Metrics
 from gateway.propagation import ChangeListener
+from gateway.providers import LitellmPool, bundled_prices, import_litellm
 from gateway.proxy import InferenceHandler
 from gateway.salt import SaltDeriver
 from gateway.state import load_salt_secret, reconcile_config
 from gateway.stats import LiveStats
 from gateway.store import RedisStore, SqliteStore, Store
+from gateway.tokens import counter_for
 from gateway.tracing import Tracing
+from gateway.upstream import UpstreamPool
 from gateway.usage import UsageLedger
 
 __all__ = ["GatewayApp", "create_app"]
@@ -90,7 +94,9 @@ class GatewayApp:
         # Where SIGHUP re-reads the settings from (set by `gateway serve`; None: no hot reload).
         self.reloader: Callable[[], Settings] | None = None
         self._reloads: set[asyncio.Task[bool]] = set()
-        self._pools: dict[str, tuple[str, httpclient.Pool]] = {}
+        self._pools: dict[str, tuple[BackendConfig, UpstreamPool]] = {}
+        # litellm, imported at start-up only if a `kind: litellm` backend is configured (gateway.providers).
+        self._litellm: ModuleType | None = None
         self.console = Console()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -151,7 +157,8 @@ class GatewayApp:
             skip_auto_headers=("User-Agent",),
         )
         authenticator = Authenticator(store, ttl_s=settings.auth_cache_ttl_s)
-        billing = Billing(settings, self.metrics)
+        self._load_providers(settings)
+        billing = Billing(settings, self.metrics, _provider_prices(settings))
         await billing.start()
         ledger = UsageLedger(store)
         ledger.start()
@@ -159,7 +166,7 @@ class GatewayApp:
         if self.tracing is None:
             self.tracing = Tracing.from_environment()
         quotas, quota_client = self._quota_store(settings)
-        admission = Admission(settings, quotas, self.metrics, settings.workers)
+        admission = Admission(settings, quotas, self.metrics, settings.workers, counter_for(settings))
         self._pools = self._make_pools(settings, {})
         handler = InferenceHandler(
             settings,
@@ -204,17 +211,29 @@ class GatewayApp:
         self.ready = True
         log.info("gateway ready: %d backends, %d models", len(settings.backends), len(settings.models))
 
-    @staticmethod
+    def _load_providers(self, settings: Settings) -> None:
+        """Import litellm (offline), once, if and only if a backend needs it."""
+        if self._litellm is None and any(b.kind == "litellm" for b in settings.backends):
+            self._litellm = import_litellm()
+
     def _make_pools(
-        settings: Settings, previous: dict[str, tuple[str, httpclient.Pool]]
-    ) -> dict[str, tuple[str, httpclient.Pool]]:
-        """One keep-alive pool per backend (with its URL); a reload keeps the pools whose URL did not change."""
-        pools = {}
+        self, settings: Settings, previous: dict[str, tuple[BackendConfig, UpstreamPool]]
+    ) -> dict[str, tuple[BackendConfig, UpstreamPool]]:
+        """One keep-alive pool per backend (with its config); a reload keeps the pools whose backend did not
+        change. A `kind: litellm` backend gets litellm behind the same interface."""
+        pools: dict[str, tuple[BackendConfig, UpstreamPool]] = {}
         limits = settings.limits
         for backend in settings.backends:
             old = previous.get(backend.name)
-            if old is not None and old[0] == backend.url:
+            if old is not None and old[0] == backend:
                 pools[backend.name] = old
+                continue
+            pool: UpstreamPool
+            if backend.kind == "litellm":
+                assert self._litellm is not None  # _load_providers ran for these settings
+                key = settings.env_secrets.get(backend.api_key_env) if backend.api_key_env else None
+                pool = LitellmPool(backend, key, self._litellm, read_timeout_s=limits.read_timeout_s)
+                pools[backend.name] = (backend, pool)
                 continue
             pool = httpclient.Pool(
                 backend.url,
@@ -223,7 +242,7 @@ class GatewayApp:
                 # vLLM, uvicorn and the simulator drop idle connections after 5 s: retire ours first.
                 idle_timeout_s=4.0,
             )
-            pools[backend.name] = (backend.url, pool)
+            pools[backend.name] = (backend, pool)
         return pools
 
     def _check_metrics_token(self, scope: Scope) -> None:
@@ -291,6 +310,7 @@ class GatewayApp:
         for tenant in settings.tenants:
             self.metrics.know_tenant(tenant.id, tenant.weight)
         running.admission.update_backends(settings, settings.workers)
+        self._load_providers(settings)
         old_pools = self._pools
         self._pools = self._make_pools(settings, old_pools)
         running.handler = InferenceHandler(
@@ -395,13 +415,25 @@ _MODES = {
 }
 
 
-async def _close_later(pool: httpclient.Pool, delay_s: float) -> None:
+async def _close_later(pool: UpstreamPool, delay_s: float) -> None:
     await asyncio.sleep(delay_s)
     await pool.close()
 
 
 def _backend_keys(settings: Settings) -> dict[str, str]:
-    return {b.name: settings.env_secrets[b.api_key_env] for b in settings.backends if b.api_key_env}
+    """Keys sent as `Authorization: Bearer` by the HTTP client (litellm backends hold their own)."""
+    return {
+        b.name: settings.env_secrets[b.api_key_env] for b in settings.backends if b.api_key_env and b.kind != "litellm"
+    }
+
+
+def _provider_prices(settings: Settings) -> dict[str, Price]:
+    """litellm's bundled prices for the hosted models whose model has no price in the config."""
+    unpriced = {name for m in settings.models if m.price is None for name in m.backends}
+    wanted = [b.provider_model for b in settings.backends if b.name in unpriced and b.provider_model]
+    if not wanted:
+        return {}
+    return bundled_prices(wanted)
 
 
 def _with_header(send: Send, extra: tuple[bytes, bytes]) -> Send:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Protocol
 
 import orjson
@@ -18,13 +19,64 @@ import orjson
 from gateway import httpclient
 from gateway.asgi import Send
 from gateway.backends import Backend
-from gateway.errors import BadRequestError, GatewayError, UpstreamError
+from gateway.errors import BadRequestError, GatewayError, ServiceUnavailableError, UpstreamError
 
-__all__ = ["DirectWriter", "Relay", "StreamOutcome", "Usage", "error_from_backend", "usage_from"]
+__all__ = [
+    "DirectWriter",
+    "Relay",
+    "StreamOutcome",
+    "UpstreamPool",
+    "UpstreamResponse",
+    "Usage",
+    "error_from_backend",
+    "usage_from",
+]
 
 log = logging.getLogger("gateway.upstream")
 
 UPSTREAM_FAILED = "The backend failed to answer the request."
+
+
+class UpstreamResponse(Protocol):
+    """What the request path reads from a backend: `httpclient.Response`, or a provider adapter's answer."""
+
+    status: int
+
+    async def read(self) -> bytes: ...
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def __aenter__(self) -> UpstreamResponse: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    # Push mode (`Relay.run_direct`): body bytes to `sink` as they arrive; False from it pauses reading.
+    def stream_to(self, sink: Callable[[bytes], bool]) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    async def wait_end(self) -> None: ...
+
+
+class UpstreamPool(Protocol):
+    """How the request path calls a backend: `httpclient.Pool`, or `gateway.providers.LitellmPool`.
+
+    Failures to answer raise `httpclient.UpstreamError`; an answer, whatever its status, is a response.
+    """
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: httpclient.Headers | None = None,
+        *,
+        read_timeout_s: float | None = None,
+    ) -> UpstreamResponse: ...
+
+    async def close(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -63,9 +115,22 @@ def usage_from(obj: object) -> Usage | None:
 
 
 def error_from_backend(status: int, data: bytes) -> GatewayError:
-    """A backend's error answer as a gateway error: 4xx keep their message, 5xx become a generic 502."""
+    """A backend's error answer as a gateway error (SPEC section 3).
+
+    4xx about the request keep the backend's message. A 5xx becomes a generic 502. A 401 or 403 is about the
+    gateway's own credentials for that backend (a provider key), not the client's: a 502 that says nothing
+    more (the operator's log does). A 429 is the backend's (or a provider account's) limit, shared by every
+    tenant: a 503 `backend_overloaded`, never the 429 that speaks of the caller's own limits.
+    """
     if status >= 500 or status < 400:
         return UpstreamError(f"{UPSTREAM_FAILED} (backend status {status})")
+    if status in (401, 403):
+        log.error("a backend refused the gateway's credentials (status %d): check its api_key_env", status)
+        return UpstreamError(f"{UPSTREAM_FAILED} (backend status {status})")
+    if status == 429:
+        return ServiceUnavailableError(
+            "The backend for this model is overloaded right now. Please try again shortly.", code="backend_overloaded"
+        )
     message = "The backend rejected the request."
     param: str | None = None
     try:
@@ -112,7 +177,7 @@ class Relay:
         self._buffer = b""
         self.outcome = StreamOutcome()
 
-    async def run(self, resp: httpclient.Response, clock: float) -> None:
+    async def run(self, resp: UpstreamResponse, clock: float) -> None:
         """Relay through ASGI `send`, one await per batch of events."""
         try:
             async for chunk in resp:
@@ -126,7 +191,7 @@ class Relay:
             self.outcome.failed = True
         await self._end()
 
-    async def run_direct(self, resp: httpclient.Response, client: DirectWriter, clock: float) -> None:
+    async def run_direct(self, resp: UpstreamResponse, client: DirectWriter, clock: float) -> None:
         """Relay from the upstream connection's callback straight to the client's transport: no task switch
         per event. Back-pressure holds: a client that does not keep up pauses reading from the backend."""
         outcome = self.outcome

@@ -16,16 +16,17 @@ a webhook that took a batch but timed out answering. The window where events can
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import orjson
 
-from gateway.billing._event import cost_of, usage_event
+from gateway.billing._event import price_cost, usage_event
 from gateway.billing._lane import Lane
 from gateway.billing._sinks import open_sink
 from gateway.billing._spool import Spool
-from gateway.config import Settings
+from gateway.config import Price, Settings
 from gateway.metrics import Metrics
 
 __all__ = ["Backlog", "Billing"]
@@ -39,10 +40,17 @@ class Backlog(NamedTuple):
 
 
 class Billing:
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        provider_prices: Mapping[str, Price] | None = None,
+    ) -> None:
+        """`provider_prices`: prices by `provider_model` (litellm's bundled map) for models the config gives
+        none; a model's own `price` always wins."""
         config = settings.billing
         self._source = config.source
-        self._models = {m.name: m for m in settings.models}
+        self._prices = _price_table(settings, provider_prices or {})
         self._shutdown_timeout_s = config.shutdown_timeout_s
         metrics = metrics if metrics is not None else Metrics()
         spool_dir = Path(config.spool_dir) if config.spool_dir else Path(settings.state_path).parent / "spool"
@@ -51,8 +59,17 @@ class Billing:
         ]
         self._pushes = tuple(lane.push for lane in self._lanes)
 
-    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> tuple[float, str]:
-        return cost_of(self._models.get(model), prompt_tokens, completion_tokens)
+    def cost(
+        self, model: str, prompt_tokens: int, completion_tokens: int, backend: str | None = None
+    ) -> tuple[float, str]:
+        """The price of a request served by `backend`; with no backend, the dearest of the model's (what a
+        budget must reserve before the backend is known)."""
+        by_backend = self._prices.get(model)
+        if not by_backend:
+            return 0.0, "USD"
+        if backend is not None:
+            return price_cost(by_backend.get(backend), prompt_tokens, completion_tokens)
+        return max(price_cost(p, prompt_tokens, completion_tokens) for p in by_backend.values())
 
     def emit(self, request_id: str, tenant_id: str, data: dict[str, Any]) -> None:
         """Queue the usage event of one request for every sink. Synchronous, no I/O: the hot path."""
@@ -61,6 +78,9 @@ class Billing:
         record = (request_id, orjson.dumps(usage_event(self._source, request_id, tenant_id, data)))
         for push in self._pushes:
             push(record)
+
+    def price(self, model: str, backend: str) -> Price | None:
+        return self._prices.get(model, {}).get(backend)
 
     async def start(self) -> None:
         for lane in self._lanes:
@@ -81,3 +101,19 @@ class Billing:
                 return False
             await asyncio.sleep(0.005)
         return True
+
+
+def _price_table(settings: Settings, provider_prices: Mapping[str, Price]) -> dict[str, dict[str, Price]]:
+    """model -> backend -> price, for the (model, backend) pairs that have one."""
+    backends = {b.name: b for b in settings.backends}
+    table: dict[str, dict[str, Price]] = {}
+    for model in settings.models:
+        prices: dict[str, Price] = {}
+        for name in model.backends:
+            provider_model = backends[name].provider_model
+            price = model.price or (provider_prices.get(provider_model) if provider_model else None)
+            if price is not None:
+                prices[name] = price
+        if prices:
+            table[model.name] = prices
+    return table

@@ -11,18 +11,21 @@ from typing import Any
 
 import orjson
 
-from gateway.config import ModelConfig
+from gateway.config import ModelConfig, Price
 
-__all__ = ["Record", "cost_of", "encode", "usage_event"]
+__all__ = ["Record", "cost_of", "encode", "price_cost", "usage_event"]
 
 # (event id, the event as one line of compact JSON without a trailing newline)
 Record = tuple[str, bytes]
 
 
 def cost_of(model: ModelConfig | None, prompt_tokens: int, completion_tokens: int) -> tuple[float, str]:
-    if model is None or model.price is None:
+    return price_cost(None if model is None else model.price, prompt_tokens, completion_tokens)
+
+
+def price_cost(price: Price | None, prompt_tokens: int, completion_tokens: int) -> tuple[float, str]:
+    if price is None:
         return 0.0, "USD"
-    price = model.price
     cost = prompt_tokens / 1000 * price.input_per_1k + completion_tokens / 1000 * price.output_per_1k
     return round(cost, 10), price.currency
 
