@@ -86,6 +86,19 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.ejections = Counter(
+            "gateway_backend_ejections",
+            "Times the circuit breaker took a backend out of rotation after consecutive failures to answer.",
+            ["backend"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "gateway_fallbacks",
+            "Requests served by a later backend of their model than the one first chosen, by reason "
+            "(connect_error, timeout, protocol_error, http_<status>, saturated, unavailable).",
+            ["model", "from_backend", "to_backend", "reason"],
+            registry=r,
+        )
         self.rejections = Counter(
             "gateway_rejections",
             "Requests refused with 429, by tenant and reason "

@@ -1,9 +1,17 @@
 """The inference request path, top to bottom in one place.
 
-    authenticate -> parse -> authorise model -> choose backend -> rewrite -> forward -> record
+    authenticate -> parse -> authorise model -> admit (quotas, backend, slot) -> rewrite -> forward -> record
 
-Each stage returns a plain value (a principal, a parsed request, a backend, usage) and raises a
+Each stage returns a plain value (a principal, a parsed request, a route, usage) and raises a
 `GatewayError` to stop; the stages do not call each other. Nothing here knows about ASGI routing.
+
+Fallbacks: a model lists its backends in order. A request goes to the first that may serve it, or, when
+that one is saturated and the tenant's `on_limit.queue` is `fallback`, to a later one with a free slot.
+If the backend fails before the first byte of an answer reaches the client (no connection, a timeout, a
+dropped connection, a 5xx or 429 answer), the request moves to the next backend in the list, each at most
+once; the request keeps its one admission and moves its queue slot. A request that skips the first
+backend because it is down, ejected or not isolating counts as a fallback too ("unavailable"). The client is told in
+`x-gateway-fallback-from`, and the metric `gateway_fallbacks_total` and the billing event say why.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from gateway.upstream import (
     UPSTREAM_FAILED,
     DirectWriter,
     Relay,
+    UpstreamPool,
     Usage,
     backend_headers,
     error_from_backend,
@@ -97,6 +106,29 @@ class Outcome:
     downgraded_from: str | None = None
     # Priced from the usage when recorded.
     cost: float = 0.0
+    fallback_from: str | None = None
+    fallback_reason: str | None = None
+
+
+@dataclass(slots=True)
+class _Route:
+    """Where an admitted request goes: its backend, the ones it may fall back to, and why it moved."""
+
+    backend: Backend
+    rest: list[Backend]
+    fallback_from: str | None = None
+    reason: str | None = None
+
+
+class _Failover(Exception):
+    """A backend failed before any byte reached the client, and another backend may take the request."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+_FAILURE_REASONS = {"ConnectError": "connect_error", "ReadTimeout": "timeout", "ProtocolError": "protocol_error"}
 
 
 @dataclass(slots=True, frozen=True)
@@ -111,6 +143,8 @@ class _Call:
     payload: bytes
     started: float
     response_headers: list[tuple[bytes, bytes]]
+    # Another backend may take the request if this one fails before answering.
+    can_fail_over: bool = False
 
     def outcome(
         self,
@@ -144,7 +178,7 @@ class InferenceHandler:
         settings: Settings,
         authenticator: Authenticator,
         backends: BackendPool,
-        pools: Mapping[str, httpclient.Pool],
+        pools: Mapping[str, UpstreamPool],
         salts: SaltDeriver,
         metrics: Metrics,
         backend_keys: Mapping[str, str],
@@ -195,11 +229,11 @@ class InferenceHandler:
         if progress.span is not None:
             Tracing.identify(progress.span, endpoint, model.name, principal.tenant_id)
         cache_scope = principal.cache_scope()
-        prompt_estimate, output_estimate = self._admission.estimate(len(raw), request.max_tokens)
+        prompt_estimate, output_estimate = self._admission.estimate(endpoint, request.body, request.max_tokens)
         downgraded_from: str | None = None
         while True:
             try:
-                admitted, backend = await self._admit(
+                admitted, route = await self._admit(
                     principal, model, prompt_estimate, output_estimate, cache_scope, tenant_label, receive
                 )
                 break
@@ -214,15 +248,26 @@ class InferenceHandler:
             headers.append((b"x-gateway-downgraded-from", downgraded_from.encode()))
         outcome: Outcome | None = None
         progress.dispatched = True
+        backend = route.backend
         self._metrics.child(self._metrics.inflight, tenant_label).inc()
         try:
-            payload = self._rewrite(request, principal, model, backend, cache_scope)
-            call = _Call(request_id, principal, model, backend, request, payload, started, headers)
-            if request.stream:
-                outcome = await self._stream(receive, send, call, scope.get("gateway.exchange"))
-            else:
-                outcome = await self._unary(send, call)
+            direct = scope.get("gateway.exchange")
+            while True:
+                sent = headers
+                if route.fallback_from is not None:
+                    sent = [*headers, (b"x-gateway-fallback-from", route.fallback_from.encode())]
+                payload = self._rewrite(request, principal, model, backend, cache_scope)
+                call = _Call(request_id, principal, model, backend, request, payload, started, sent, bool(route.rest))
+                try:
+                    if request.stream:
+                        outcome = await self._stream(receive, send, call, direct)
+                    else:
+                        outcome = await self._unary(send, call)
+                    break
+                except _Failover as failover:
+                    backend = await self._fail_over(call, admitted, route, failover.reason, receive)
             outcome.downgraded_from = downgraded_from
+            outcome.fallback_from, outcome.fallback_reason = route.fallback_from, route.reason
             self._record(outcome)
             if progress.span is not None:
                 Tracing.finish(progress.span, outcome.status, outcome.usage, outcome.finish_reason)
@@ -243,30 +288,71 @@ class InferenceHandler:
         cache_scope: str | None,
         tenant_label: str,
         receive: Receive,
-    ) -> tuple[Admitted, Backend]:
+    ) -> tuple[Admitted, _Route]:
         """Quotas, then a backend, then a slot of its capacity; everything taken is given back on failure."""
+        # The most expensive of the model's backends: a budget is never overrun by a fallback.
         worst, _ = self._billing.cost(model.name, prompt_estimate, output_estimate)
         admitted = await self._admission.admit(principal, model, prompt_estimate, output_estimate, worst)
         try:
-            backend = self._backends.choose(model, cache_scope is not None, tenant_label)
-            if self._admission.has_free_slot(backend.name):
-                await self._admission.queue(admitted, principal, backend.name, model.name)
-            else:
-                # Wait in the fair queue, but leave it at once if the client goes away.
-                waiting = asyncio.ensure_future(self._admission.queue(admitted, principal, backend.name, model.name))
-                watcher = asyncio.ensure_future(_wait_disconnect(receive))
-                done, _ = await asyncio.wait({waiting, watcher}, return_when=asyncio.FIRST_COMPLETED)
-                if waiting not in done:
-                    waiting.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await waiting
-                    raise ClientDisconnected
-                watcher.cancel()
-                waiting.result()
+            candidates = self._backends.candidates(model, cache_scope is not None, tenant_label)
+            backend = candidates[0]
+            spill = None
+            if not self._admission.has_free_slot(backend.name) and principal.tenant.on_limit.get("queue") == "fallback":
+                spill = next((b for b in candidates[1:] if self._admission.has_free_slot(b.name)), None)
+            await self._take_slot(admitted, principal, spill or backend, model, receive)
         except BaseException:
             await self._admission.finish(admitted, 0, 0, 0.0)
             raise
-        return admitted, backend
+        if spill is None:
+            route = _Route(backend, candidates[1:])
+            first = model.backends[0]
+            if backend.name != first:
+                # The first backend is down, ejected or not isolating: still a fallback, and the bill says so.
+                route.fallback_from, route.reason = first, "unavailable"
+                self._metrics.fallbacks.labels(model.name, first, backend.name, "unavailable").inc()
+            return admitted, route
+        self._metrics.fallbacks.labels(model.name, backend.name, spill.name, "saturated").inc()
+        return admitted, _Route(spill, [b for b in candidates if b is not spill], backend.name, "saturated")
+
+    async def _take_slot(
+        self, admitted: Admitted, principal: Principal, backend: Backend, model: ModelConfig, receive: Receive
+    ) -> None:
+        """A slot of the backend's capacity: at once if free, else in the fair queue, left if the client goes."""
+        if self._admission.has_free_slot(backend.name):
+            await self._admission.queue(admitted, principal, backend.name, model.name)
+            return
+        waiting = asyncio.ensure_future(self._admission.queue(admitted, principal, backend.name, model.name))
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        done, _ = await asyncio.wait({waiting, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if waiting not in done:
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+            raise ClientDisconnected
+        watcher.cancel()
+        waiting.result()
+
+    async def _fail_over(
+        self, call: _Call, admitted: Admitted, route: _Route, reason: str, receive: Receive
+    ) -> Backend:
+        """Move the request to the route's next backend: its slot there, the failed one's given back."""
+        failed, nxt = route.backend, route.rest.pop(0)
+        self._admission.release_slot(admitted)
+        try:
+            await self._take_slot(admitted, call.principal, nxt, call.model, receive)
+        except (GatewayError, ClientDisconnected) as exc:
+            # No other backend took it: the request ends on the one that failed.
+            status = exc.status if isinstance(exc, GatewayError) else 499
+            self._record(call.outcome(stream=call.request.stream, status=status, usage=Usage(), partial=False))
+            raise
+        log.info(
+            "request %s: backend %s failed (%s), falling back to %s", call.request_id, failed.name, reason, nxt.name
+        )
+        self._metrics.fallbacks.labels(call.model.name, failed.name, nxt.name, reason).inc()
+        if route.fallback_from is None:
+            route.fallback_from = failed.name
+        route.backend, route.reason = nxt, reason
+        return nxt
 
     def _downgrade_target(self, principal: Principal, reason: str | None) -> ModelConfig | None:
         policy = principal.tenant.on_limit.get(_POLICY_KEY.get(reason or "", reason or ""), "reject")
@@ -349,14 +435,20 @@ class InferenceHandler:
                     data = await resp.read()
         except httpclient.UpstreamError as exc:
             self._metrics.upstream_errors.labels(backend.name, type(exc).__name__).inc()
+            self._backends.failed(backend)
+            if call.can_fail_over:
+                raise _Failover(_FAILURE_REASONS.get(type(exc).__name__, "connect_error")) from None
             self._record(call.outcome(stream=False, status=502, usage=Usage(), partial=True))
             raise UpstreamError(UPSTREAM_FAILED) from None
+        self._backends.succeeded(backend)
         self._metrics.child(self._metrics.upstream_latency, backend.name).observe(time.perf_counter() - started)
         usage = Usage()
         finish_reason: str | None = None
         if status >= 400:
             if status >= 500:
                 self._metrics.upstream_errors.labels(backend.name, f"http_{status}").inc()
+            if call.can_fail_over and (status >= 500 or status == 429):
+                raise _Failover(f"http_{status}")
             error = error_from_backend(status, data)
             await send_response(send, error.status, error.body(), response_headers)
             status = error.status
@@ -390,13 +482,19 @@ class InferenceHandler:
                 resp = await self._pools[backend.name].request("POST", _PATHS[request.endpoint], payload, headers)
             except httpclient.UpstreamError as exc:
                 self._metrics.upstream_errors.labels(backend.name, type(exc).__name__).inc()
+                self._backends.failed(backend)
+                if call.can_fail_over:
+                    raise _Failover(_FAILURE_REASONS.get(type(exc).__name__, "connect_error")) from None
                 raise UpstreamError(UPSTREAM_FAILED) from None
+            self._backends.succeeded(backend)
             async with resp:
                 self._metrics.child(self._metrics.upstream_latency, backend.name).observe(time.perf_counter() - started)
                 if resp.status != 200:
                     data = await resp.read()
                     if resp.status >= 500:
                         self._metrics.upstream_errors.labels(backend.name, f"http_{resp.status}").inc()
+                    if call.can_fail_over and (resp.status >= 500 or resp.status == 429):
+                        raise _Failover(f"http_{resp.status}")
                     raise error_from_backend(resp.status, data)
                 await send(
                     {
@@ -438,6 +536,8 @@ class InferenceHandler:
         else:
             watcher.cancel()
             exc = task.exception()
+            if isinstance(exc, _Failover):
+                raise exc
             if isinstance(exc, GatewayError) and not started_response:
                 # Nothing was sent yet: the app answers with a normal error response.
                 outcome = self._stream_outcome(call, exc.status, relay, partial=False)
@@ -481,7 +581,9 @@ class InferenceHandler:
             m.child(m.tokens, tenant, outcome.model, "completion").inc(usage.completion_tokens)
         if usage.cached_tokens:
             m.child(m.tokens, tenant, outcome.model, "cached").inc(usage.cached_tokens)
-        cost, currency = self._billing.cost(outcome.model, usage.prompt_tokens, usage.completion_tokens)
+        cost, currency = self._billing.cost(
+            outcome.model, usage.prompt_tokens, usage.completion_tokens, outcome.backend
+        )
         outcome.cost = cost
         if cost:
             m.child(m.spend, tenant, currency).inc(cost)
@@ -514,6 +616,8 @@ class InferenceHandler:
                 "stream": outcome.stream,
                 "partial": outcome.partial,
                 "downgraded_from": outcome.downgraded_from,
+                "fallback_from": outcome.fallback_from,
+                "fallback_reason": outcome.fallback_reason,
                 "timings": {
                     "duration_ms": round(outcome.duration_s * 1000, 3),
                     "ttft_ms": None if outcome.ttft_s is None else round(outcome.ttft_s * 1000, 3),

@@ -64,7 +64,8 @@ class Tenant(_Frozen):
     # What happens to the OpenAI `user` field: forwarded, replaced by the tenant id, or removed.
     user_field: Literal["passthrough", "tenant", "strip"] = "passthrough"
     # Per limit, what a refusal does: "reject" (429, the default) or "downgrade:<model>" (serve a smaller
-    # model instead). Keys: rpm, tpm, concurrency, inflight_tokens, budget, queue.
+    # model instead). Keys: rpm, tpm, concurrency, inflight_tokens, budget, queue. `queue` may also be
+    # "fallback": rather than wait for the model's first backend, go to a later one with a free slot.
     on_limit: dict[str, str] = Field(default_factory=dict)
     config_managed: bool = False
 
@@ -74,8 +75,11 @@ class Tenant(_Frozen):
         for limit, action in value.items():
             if limit not in _LIMITS:
                 raise ValueError(f"unknown limit {limit!r}; one of {', '.join(sorted(_LIMITS))}")
+            if limit == "queue" and action == "fallback":
+                continue
             if action != "reject" and not (action.startswith("downgrade:") and len(action) > len("downgrade:")):
-                raise ValueError(f"{limit}: must be 'reject' or 'downgrade:<model>'")
+                also = ", 'fallback'" if limit == "queue" else ""
+                raise ValueError(f"{limit}: must be 'reject'{also} or 'downgrade:<model>'")
         return value
 
     @field_validator("cache_scope")
