@@ -74,6 +74,11 @@ def test_env_overrides_nested_values(tmp_path: Path) -> None:
         (GOOD.replace("cache_scope: tenant", "cache_scope: everyone"), "tenants[0].cache_scope"),
         (GOOD.replace("max_tokens_cap: 32768", "max_tokens_cap: 32768, typo: 1"), "limits.typo"),
         (GOOD + "admin_key: hunter2\n", "admin_key"),
+        (GOOD.replace("kind: vllm,", "kind: litellm,"), "backends[0]: provider_model"),
+        (GOOD.replace("kind: vllm,", "kind: litellm, provider_model: claude,"), "backends[0]: provider_model"),
+        (GOOD.replace("capacity: 64", "capacity: 64, provider_model: a/b"), "backends[0]: provider_model"),
+        (GOOD.replace("cache_scope: tenant", "on_limit: {budget: fallback}"), "tenants[0].on_limit"),
+        (GOOD.replace("max_tokens_cap: 32768", "max_tokens_cap: 32768, tokenizer: bpe"), "limits.tokenizer"),
     ],
 )
 def test_errors_name_the_field(tmp_path: Path, text: str, field: str) -> None:
@@ -81,6 +86,26 @@ def test_errors_name_the_field(tmp_path: Path, text: str, field: str) -> None:
         load_settings(write(tmp_path, text), env={"ACME_CI_KEY": "k"})
     assert str(info.value).startswith(field), str(info.value)
     assert "hunter2" not in str(info.value)
+
+
+def test_provider_backends_and_fallback_policy(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "capacity: 64}",
+        'capacity: 64}\n  - {name: claude, kind: litellm, url: "https://api.anthropic.com", '
+        "provider_model: anthropic/claude-haiku-4-5, api_key_env: ANTHROPIC_API_KEY}",
+    ).replace("backends: [vllm-a]", "backends: [vllm-a, claude]")
+    text = text.replace("cache_scope: tenant", "cache_scope: tenant\n    on_limit: {queue: fallback}")
+    settings = load_settings(write(tmp_path, text), env={"ACME_CI_KEY": "k", "ANTHROPIC_API_KEY": "sk-ant-x"})
+    assert settings.backends[1].provider_model == "anthropic/claude-haiku-4-5"
+    assert settings.models[0].backends == ("vllm-a", "claude")
+    assert settings.tenants[0].on_limit == {"queue": "fallback"}
+    assert settings.env_secrets["ANTHROPIC_API_KEY"] == "sk-ant-x"
+    assert "sk-ant-x" not in repr(settings)
+
+
+def test_the_example_config_loads() -> None:
+    settings = load_settings(Path(__file__).parents[1] / "config" / "gateway.yaml", env={"ACME_CI_KEY": "k"})
+    assert settings.limits.tokenizer == "auto"
 
 
 def test_missing_key_env_is_named(tmp_path: Path) -> None:
