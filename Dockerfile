@@ -1,15 +1,17 @@
 # syntax=docker/dockerfile:1
 # The gateway image: dependencies from the hashed lock file, no compilers in the final stage, non-root.
 # Build: docker build -t gateway .   Run: docker run -p 8080:8080 -v ./config:/etc/gateway:ro gateway
+# With hosted providers (litellm, the `providers` extra): docker build --build-arg LOCK=providers -t gateway .
 
 FROM python:3.11.14-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
+ARG LOCK=runtime
 # Every dependency ships as a wheel with its hash in the lock: nothing is compiled, nothing floats.
-COPY requirements/pip.lock requirements/runtime.lock requirements/
+COPY requirements/pip.lock requirements/${LOCK}.lock requirements/
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --require-hashes --only-binary=:all: -r requirements/pip.lock \
- && /opt/venv/bin/pip install --require-hashes --only-binary=:all: -r requirements/runtime.lock
+ && /opt/venv/bin/pip install --require-hashes --only-binary=:all: -r requirements/${LOCK}.lock
 COPY pyproject.toml README.md ./
 COPY gateway gateway
 RUN /opt/venv/bin/pip install --no-deps . \

@@ -80,6 +80,7 @@ class BackendPool:
         for backend in self.backends.values():
             # Not probed (see the module's docstring): up until its answers say otherwise.
             backend.healthy = backend.config.kind == "litellm"
+            metrics.ejections.labels(backend.name)  # a zero to start from, so rate() and alerts see the first
         if previous is not None:
             # A reload keeps what is known about unchanged backends (health, salt enforcement).
             for name, backend in self.backends.items():

@@ -36,6 +36,7 @@ __all__ = [
     "TiktokenCounter",
     "TokenCounter",
     "counter_for",
+    "load_cl100k",
     "prompt_text",
     "prompt_tokens",
 ]
@@ -103,10 +104,15 @@ def counter_for(settings: Settings) -> TokenCounter:
         choice = "tiktoken" if any(b.kind == "litellm" for b in settings.backends) else "bytes"
     if choice == "bytes":
         return ByteCounter()
-    return TiktokenCounter(_cl100k().encode_ordinary)
+    return TiktokenCounter(load_cl100k().encode_ordinary)
 
 
-def _cl100k() -> Any:
+def load_cl100k() -> Any:
+    """tiktoken's cl100k_base `Encoding`, from the hash-checked copy in the litellm package.
+
+    Never call `tiktoken.get_encoding` without this: with no local copy in its cache directory, tiktoken
+    downloads the file.
+    """
     path = cl100k_file()
     if path is None:
         raise RuntimeError(

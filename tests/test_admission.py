@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import httpx2
 import openai
 import pytest
 
@@ -107,14 +106,15 @@ def test_sdk_retries_a_rate_limit_after_the_advertised_delay(gw: GatewayProc) ->
     key = tenant_with_key(gw.url, gw.admin_key, "retry", limits={"rpm": 60})
     seen: list[tuple[float, int, str | None]] = []  # (when, status, retry-after-ms) of each SDK attempt
 
-    def on_response(response: httpx2.Response) -> None:
+    # The SDK's own HTTP client class (httpx for openai 2.x, httpx2 for 3.x), with a hook on every answer.
+    def on_response(response: Any) -> None:
         seen.append((time.monotonic(), response.status_code, response.headers.get("retry-after-ms")))
 
     client = openai.OpenAI(
         base_url=gw.url + "/v1",
         api_key=key,
         max_retries=3,
-        http_client=httpx2.Client(event_hooks={"response": [on_response]}),
+        http_client=openai.DefaultHttpxClient(event_hooks={"response": [on_response]}),
     )
     client.models.list()  # warm the SDK's connection: its first try must follow the last refusal closely
     # Spend the burst until a refusal advertises at least half a second (the bucket refills at 1/s), so the

@@ -309,6 +309,8 @@ def gateway_config(sim: SimHandle, legacy: SimHandle, redis: RedisServer, workdi
                 "price": {"input_per_1k": 0.4, "output_per_1k": 1.2, "currency": "EUR"},
             },
             {"name": "legacy-chat", "backends": ["legacy"]},
+            # For isolated tenants the first backend (ignoring salts) is skipped: a fallback ("unavailable").
+            {"name": "chat-spill", "backends": ["legacy", "sim"]},
         ],
         "billing": {
             "sinks": [
@@ -353,6 +355,8 @@ def drive_load(client: Client, sim: SimHandle, redis: RedisServer, keys: dict[st
     assert statuses.count(502) == 3, statuses
     # The only backend of legacy-chat ignores cache_salt: refused (fail closed) for a tenant-scoped tenant.
     assert client.chat(keys["delta"], "legacy-chat") == 503
+    # chat-spill falls back past it to a backend that keeps caches apart.
+    assert client.chat(keys["delta"], "chat-spill") == 200
     # A Redis outage: admission falls back to local limits and says so; then Redis comes back.
     redis.stop()
     client.chat(keys["acme-tight"])

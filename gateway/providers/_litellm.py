@@ -110,13 +110,6 @@ class ProviderResponse:
         self._pump: asyncio.Task[None] | None = None
         self._writable: asyncio.Event | None = None
 
-    @property
-    def complete(self) -> bool:
-        return self._ended
-
-    def header(self, name: bytes) -> bytes | None:
-        return None
-
     async def read(self) -> bytes:
         if self._stream is None:
             return self._body
@@ -236,7 +229,6 @@ class LitellmPool:
         self._timeout = read_timeout_s
         self._closers: set[asyncio.Task[None]] = set()
         self._closed = False
-        self.connections = 0  # the HTTP client's gauge; litellm pools its own connections
 
     async def request(
         self,
