@@ -10,8 +10,9 @@ Two counters (`limits.tokenizer`):
 - `bytes`: UTF-8 bytes / 4 (the usual English average; about 1.2x high for prose and code and 0.7x for
   CJK against cl100k_base, measured in loadtests/bench_tokens.py). Costs next to nothing and loads nothing.
 - `tiktoken`: OpenAI's cl100k_base BPE, from the copy shipped inside the litellm package (the `providers`
-  extra), hash-checked, never downloaded. Exact up to `EXACT_MAX_CHARS`; longer texts are sampled (their
-  head and tail are tokenised and the tokens-per-byte ratio scales to the whole), which bounds the cost.
+  extra), hash-checked, never downloaded. Exact up to `EXACT_MAX_CHARS` (a third of that for non-ASCII
+  text); longer texts are sampled (their head and tail are tokenised and the tokens-per-byte ratio scales
+  to the whole), which bounds the cost at about 40-60 us whatever the size.
 
 `auto` (the default) picks `tiktoken` when a `kind: litellm` backend is configured (litellm loads that same
 encoding anyway, and hosted providers bill per token) and `bytes` otherwise, so a vLLM-only gateway keeps
@@ -84,12 +85,16 @@ class TiktokenCounter:
         self._sample = sample_chars
 
     def count(self, text: str) -> int:
-        if len(text) <= self._exact_max:
+        ascii_only = text.isascii()
+        # Non-ASCII text (CJK: three bytes and about one token per character) costs about three times as
+        # much per character to tokenise: a third of the characters keeps the cost bound the same.
+        exact_max, sample = (self._exact_max, self._sample) if ascii_only else (self._exact_max // 3, self._sample // 3)
+        if len(text) <= exact_max:
             return len(self._encode(text))
-        head, tail = text[: self._sample], text[-self._sample :]
+        head, tail = text[:sample], text[-sample:]
         tokens = len(self._encode(head)) + len(self._encode(tail))
-        if text.isascii():
-            return round(tokens * len(text) / (2 * self._sample))
+        if ascii_only:
+            return round(tokens * len(text) / (2 * sample))
         sampled = len(head.encode()) + len(tail.encode())
         return round(tokens * len(text.encode()) / sampled)
 
