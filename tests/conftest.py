@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.redis_server import RedisServer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The providers run (scripts/test, in .venv-providers) must not skip its tests for want of litellm.
+    if config.option.markexpr == "providers" and importlib.util.find_spec("litellm") is None:
+        raise pytest.UsageError("-m providers needs litellm: run it in .venv-providers (scripts/test does)")
 
 
 @pytest.fixture(scope="session")

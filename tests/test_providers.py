@@ -28,8 +28,10 @@ from tests.support.gateway import GatewayProc, start_gateway
 from tests.support.procs import ROOT, free_port
 from tests.support.sim import SimHandle, start_sim
 
+pytestmark = pytest.mark.providers
+
 if litellm_dir() is None:  # found, not imported: importing it here would fetch its price map
-    pytest.skip("needs the `providers` extra (the dev lock has it)", allow_module_level=True)
+    pytest.skip("needs the `providers` extra (scripts/test runs it in .venv-providers)", allow_module_level=True)
 
 PROVIDER_KEY = "sk-ant-test-0123456789"
 PROVIDER_MODEL = "anthropic/claude-haiku-4-5"

@@ -90,6 +90,7 @@ def test_prompt_tokens_is_at_least_one() -> None:
     assert prompt_tokens("chat", {"messages": [{"role": "user", "content": "x" * 40}]}, ByteCounter()) == 10 + 4
 
 
+@pytest.mark.providers
 def test_tiktoken_is_exact_up_to_the_threshold() -> None:
     encoding = cl100k()
     counter = TiktokenCounter(encoding.encode_ordinary)
@@ -97,6 +98,7 @@ def test_tiktoken_is_exact_up_to_the_threshold() -> None:
     assert counter.count(text) == len(encoding.encode_ordinary(text))
 
 
+@pytest.mark.providers
 def test_tiktoken_samples_long_texts_and_stays_close() -> None:
     encoding = cl100k()
     seen: list[int] = []
@@ -116,6 +118,7 @@ def test_tiktoken_samples_long_texts_and_stays_close() -> None:
     assert abs(counter.count(mixed) - len(encoding.encode_ordinary(mixed))) / len(encoding.encode_ordinary(mixed)) < 0.2
 
 
+@pytest.mark.providers
 def test_auto_picks_tiktoken_only_with_a_litellm_backend() -> None:
     vllm = {"name": "v", "kind": "vllm", "url": "http://127.0.0.1:1"}
     assert counter_for(settings(backends=[vllm])).name == "bytes"
