@@ -118,11 +118,16 @@ def pinned(cmd: list[str], cpu: int | None) -> list[str]:
 
 
 def start(
-    cmd: list[str], *, cpu: int | None = None, env: dict[str, str] | None = None, log: Path | None = None
+    cmd: list[str],
+    *,
+    cpu: int | None = None,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+    cwd: Path = ROOT,
 ) -> subprocess.Popen[bytes]:
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
     return subprocess.Popen(
-        pinned(cmd, cpu), stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=str(ROOT)
+        pinned(cmd, cpu), stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=str(cwd)
     )
 
 

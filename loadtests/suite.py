@@ -87,20 +87,31 @@ def gateway_config(tmp: Path, port: int, upstream: str, redis_url: str | None) -
 
 @contextlib.contextmanager
 def gateway(
-    tmp: Path, upstream: str, redis_url: str | None, cpu: int | None, workers: int = 1
+    tmp: Path,
+    upstream: str,
+    redis_url: str | None,
+    cpu: int | None,
+    workers: int = 1,
+    *,
+    checkout: Path = ROOT,
+    name: str | None = None,
 ) -> Iterator[tuple[Target, subprocess.Popen[bytes], float]]:
-    """A gateway process; yields (target, process, seconds from spawn to /readyz 200)."""
+    """A gateway process (from `checkout`, with its own .venv: a baseline build to compare with); yields
+    (target, process, seconds from spawn to /readyz 200)."""
     port = harness.free_port()
     config = gateway_config(tmp, port, upstream, redis_url)
     env = {"BENCH_KEY": KEY, "GATEWAY_ADMIN_KEY": ADMIN, "GATEWAY_SALT_SECRET": "s" * 32}
-    cmd = [PY, "-m", "gateway", "serve", "--config", str(config), "--workers", str(workers)]
+    python = PY if checkout == ROOT else str(checkout / ".venv" / "bin" / "python")
+    cmd = [python, "-m", "gateway", "serve", "--config", str(config)]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
     started = time.perf_counter()
-    proc = harness.start(cmd, cpu=cpu, env=env, log=tmp / f"gateway-{port}.log")
+    proc = harness.start(cmd, cpu=cpu, env=env, log=tmp / f"gateway-{port}.log", cwd=checkout)
     try:
         harness.wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
         ready_s = time.perf_counter() - started
         target = Target(
-            f"gateway x{workers}",
+            name or f"gateway x{workers}",
             f"http://127.0.0.1:{port}{harness.CHAT_PATH}",
             lambda: harness.process_tree(proc.pid),
             cpu,
@@ -303,6 +314,16 @@ def render(r: dict[str, Any]) -> str:
                 f"| {g['p50_ms']:.3f} / {g['p99_ms']:.3f} / {g['p999_ms']:.3f} | {add50:.3f} | {add99:.3f} | {spec} |"
             )
         lines.append("")
+    base = r.get("baseline")
+    if base and "paced_500" in base and "latency" in r:
+        b = base["paced_500"]
+        d = next(row for row in r["latency"] if row["rate"] == 500)["nginx direct"]
+        lines += [
+            f"The same load at 500 req/s on the baseline build ({base['commit']}, measured in this run): "
+            f"p50 {b['p50_ms']:.3f} ms, p99 {b['p99_ms']:.3f} ms (added {b['p50_ms'] - d['p50_ms']:.3f} / "
+            f"{b['p99_ms'] - d['p99_ms']:.3f} ms).",
+            "",
+        ]
     if "throughput" in r:
         t = r["throughput"]
         lines += [
@@ -398,6 +419,11 @@ def main() -> None:
     )
     parser.add_argument("--no-write", action="store_true", help="print the report, write no file")
     parser.add_argument("--streams", type=int, nargs="*", help="concurrent stream counts (default 500 2000)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of an earlier commit with its own .venv (scripts/bootstrap): measured too, for before/after",
+    )
     args = parser.parse_args()
     for tool in ("wrk", "redis-server"):
         if not shutil.which(tool):
@@ -441,6 +467,32 @@ def main() -> None:
                         "gateway x1": throughput(gw, seconds, load_cpu, budget),
                         "gateway x1 @4": throughput(gw, seconds, load_cpu, budget, conns=4),
                     }
+            if args.baseline is not None and parts & {"latency", "throughput"}:
+                commit = subprocess.run(
+                    ["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+                ).stdout.strip()
+                label = f"baseline {commit} x1"
+                results["baseline"] = {"commit": commit}
+                with gateway(tmp, upstream, redis_url, server_cpu, checkout=args.baseline, name=label) as (
+                    base,
+                    _proc,
+                    _ready,
+                ):
+                    print(f"{label} ...", flush=True)
+                    harness.measure(base, connections=8, seconds=2, load_cpu=load_cpu)  # warm-up
+                    pacing = Pacing.for_rate(500)
+                    results["baseline"]["paced_500"] = budget.quietest(
+                        functools.partial(
+                            harness.measure,
+                            base,
+                            connections=pacing.connections,
+                            seconds=seconds,
+                            load_cpu=load_cpu,
+                            pacing=pacing,
+                        ),
+                        seconds,
+                    )
+                    results.setdefault("throughput", {})[label] = throughput(base, seconds, load_cpu, budget)
             if "throughput" in parts:
                 # Two workers need both cores, which wrk and nginx share with them: req/s here is what this
                 # machine can do, CPU per request is what scales with cores.

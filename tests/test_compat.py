@@ -114,3 +114,31 @@ def test_curl(gw: GatewayProc) -> None:
     ).stdout
     events = [line for line in streamed.splitlines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and len(events) >= 4
+
+
+@pytest.mark.providers
+def test_litellm_as_a_client(gw: GatewayProc) -> None:
+    """litellm.completion with the gateway as api_base: unary, stream, a wrong key, a rate limit."""
+    import sys
+
+    key = tenant_with_key(gw.url, gw.admin_key, "litellm-client")
+    limited = tenant_with_key(gw.url, gw.admin_key, "litellm-limited", limits={"rpm": 1})
+    spend = httpx.post(
+        gw.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {limited}"},
+        json={"model": "chat-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
+    )
+    assert spend.status_code == 200  # the one request of its minute
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.support.litellm_client", gw.url + "/v1", key, limited],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["content"] and seen["usage"] == 5
+    assert seen["stream"]
+    assert seen["bad_key"] == "AuthenticationError 401"
+    assert seen["limited"] == "RateLimitError 429"
