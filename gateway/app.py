@@ -237,6 +237,9 @@ class GatewayApp:
                 continue
             pool = httpclient.Pool(
                 backend.url,
+                # As many idle connections as this worker may have requests at the backend: a burst of
+                # streams that ends leaves its connections for the next one instead of closing most of them.
+                max_idle=max(16, backend.capacity // max(1, settings.workers)),
                 connect_timeout_s=limits.connect_timeout_s,
                 read_timeout_s=limits.read_timeout_s,
                 # vLLM, uvicorn and the simulator drop idle connections after 5 s: retire ours first.

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -509,33 +509,25 @@ class InferenceHandler:
                 else:
                     await relay.run(resp, started)
 
-        task = asyncio.ensure_future(forward())
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
         try:
-            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if direct is not None:
+                client_gone, exc = await _watched_by_server(forward(), direct)
+            else:
+                client_gone, exc = await _watched_by_task(forward(), receive)
         except asyncio.CancelledError:
             # The server is shutting down past its grace period: end the stream with an error event rather
             # than a silent cut, and bill what was generated.
-            watcher.cancel()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             if started_response:
                 error = ServiceUnavailableError("The gateway is shutting down; the answer is incomplete.")
                 with contextlib.suppress(Exception):
                     await send({"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n"})
             self._record(self._stream_outcome(call, 503, relay, partial=True))
             raise
-        client_gone = task not in done
         if client_gone:
-            # The client went away: cancelling closes the upstream connection, which stops generation.
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # The client went away: the upstream call was cancelled, which closed its connection, which
+            # stops the generation.
             status = 499
         else:
-            watcher.cancel()
-            exc = task.exception()
             if isinstance(exc, _Failover):
                 raise exc
             if isinstance(exc, GatewayError) and not started_response:
@@ -637,6 +629,59 @@ def _first_finish_reason(obj: object) -> str | None:
 
 def _model_object(model: ModelConfig) -> dict[str, object]:
     return {"id": model.name, "object": "model", "created": 0, "owned_by": "gateway"}
+
+
+async def _watched_by_task(work: Coroutine[Any, Any, None], receive: Receive) -> tuple[bool, BaseException | None]:
+    """Run `work` while a second task watches for the client going away (any ASGI server).
+
+    Returns (client gone, what `work` raised); cancels `work` if the client went away. A cancellation of
+    the caller (shutdown) cancels both and propagates."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        watcher.cancel()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise
+    if task not in done:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return True, None
+    watcher.cancel()
+    return False, task.exception()
+
+
+async def _watched_by_server(
+    work: Coroutine[Any, Any, None], direct: DirectWriter
+) -> tuple[bool, BaseException | None]:
+    """Run `work` in this task; the gateway's server calls back when the client goes away, which cancels it.
+
+    The same contract as `_watched_by_task`, without a second task and `asyncio.wait` per stream."""
+    me = asyncio.current_task()
+    assert me is not None
+    gone = False
+
+    def on_gone() -> None:
+        nonlocal gone
+        gone = True
+        me.cancel()
+
+    direct.on_gone(on_gone)
+    try:
+        await work
+    except asyncio.CancelledError:
+        if gone and me.uncancel() == 0:
+            return True, None  # our own cancellation, not the server's
+        raise
+    except Exception as exc:
+        return False, exc
+    finally:
+        direct.on_gone(None)
+    return False, None
 
 
 async def _wait_disconnect(receive: Receive) -> None:

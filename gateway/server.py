@@ -90,6 +90,7 @@ class _Exchange:
         "body_size",
         "complete",
         "continue_wanted",
+        "gone_callback",
         "handed_over",
         "keep_alive",
         "more_body",
@@ -111,6 +112,7 @@ class _Exchange:
         self.complete = False  # the request (head and body) has been parsed in full
         self.handed_over = False  # the app has received the whole body
         self.rejected = False  # the protocol answered for the app (408, 500): the app's sends are dropped
+        self.gone_callback: Callable[[], None] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self.pending_start: tuple[int, list[tuple[bytes, bytes]]] | None = None
         self.response_started = False
@@ -176,6 +178,10 @@ class _Exchange:
         else:
             conn.write(data)
         return not conn.write_paused
+
+    def on_gone(self, callback: Callable[[], None] | None) -> None:
+        """Call `callback` (once) if the client goes away; None stops it. Saves a task watching `receive()`."""
+        self.gone_callback = callback
 
     def when_writable(self, callback: Callable[[], None]) -> None:
         """Call `callback` once the client's transport can take more (or the client is gone)."""
@@ -377,6 +383,9 @@ class HttpProtocol(asyncio.Protocol):
         for exchange in (self._active, self._parsing, *self._queue):
             if exchange is not None:
                 exchange.wake()
+                callback, exchange.gone_callback = exchange.gone_callback, None
+                if callback is not None:
+                    callback()
         self._queue.clear()
         drain = self._drain
         if drain is not None and not drain.done():

@@ -157,6 +157,8 @@ class DirectWriter(Protocol):
 
     def when_writable(self, callback: Callable[[], None]) -> None: ...
 
+    def on_gone(self, callback: Callable[[], None] | None) -> None: ...
+
 
 class Relay:
     """Relays one backend SSE stream to the client, event by event, metering as it goes.

@@ -5,7 +5,9 @@ every process of the machine) into every chunk. This client reads the stamps off
 HTTP library: an asyncio protocol on uvloop, a few microseconds per chunk) and records `arrival - sent` for
 each. Run straight against the simulator and then through a gateway with the same load, the difference is
 what the gateway adds to every chunk: a measure that does not depend on the simulator's timer jitter, and
-far less on the client's own load than gaps between chunks would.
+far less on the client's own load than gaps between chunks would. A stream's first chunk is reported
+apart (it is part of the time to first token, and carries the start-up of a burst of streams); every
+later chunk counts for the inter-chunk latency.
 
 Several client processes share the streams (`processes`), so that one Python process's event loop is not
 what is measured. Usage from the suite: `run(url, key, streams=2000, tokens=20, processes=3, cpu=0)`.
@@ -29,17 +31,21 @@ _DONE = b"data: [DONE]"
 
 @dataclass
 class _Result:
-    delays_us: list[int]
+    delays_us: list[int]  # every chunk after each stream's first: the inter-chunk latency
+    first_us: list[int]  # each stream's first chunk (its time to first token, from the simulator's side)
     complete: int
     failed: int
     errors: dict[str, int]
 
 
 class _Stream(asyncio.Protocol):
-    def __init__(self, request: bytes, tokens: int, delays: list[int], done: asyncio.Future[str]) -> None:
+    def __init__(
+        self, request: bytes, tokens: int, delays: list[int], first: list[int], done: asyncio.Future[str]
+    ) -> None:
         self._request = request
         self._tokens = tokens
         self._delays = delays
+        self._first = first
         self._done = done
         self._tail = b""
         self._chunks = 0
@@ -62,7 +68,8 @@ class _Stream(asyncio.Protocol):
         for match in _STAMP.finditer(buf):
             if match.end() == len(buf):
                 break  # the number may go on in the next read
-            self._delays.append((now - int(match.group(1))) // 1000)
+            delay = (now - int(match.group(1))) // 1000
+            (self._delays if self._chunks else self._first).append(delay)
             self._chunks += 1
             end = match.end()
         # Keep a little of the end, after the last stamp counted: a stamp or [DONE] may be cut in two.
@@ -80,7 +87,9 @@ class _Stream(asyncio.Protocol):
             self._transport.close()
 
 
-async def _streams(url: str, key: str, streams: int, tokens: int, model: str, start_at: float) -> _Result:
+async def _streams(
+    url: str, key: str, streams: int, tokens: int, model: str, start_at: float, ramp_s: float
+) -> _Result:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     body = json.dumps(
@@ -92,13 +101,16 @@ async def _streams(url: str, key: str, streams: int, tokens: int, model: str, st
     ).encode() + body
     loop = asyncio.get_running_loop()
     delays: list[int] = []
-    # Every process starts its streams at the same instant.
+    first: list[int] = []
+    # Every process starts at the same instant; its streams open spread evenly over `ramp_s`.
     await asyncio.sleep(max(0.0, start_at - time.time()))
 
-    async def one() -> str:
+    async def one(i: int) -> str:
+        if ramp_s:
+            await asyncio.sleep(ramp_s * i / streams)
         done: asyncio.Future[str] = loop.create_future()
         try:
-            await loop.create_connection(lambda: _Stream(request, tokens, delays, done), host, port)
+            await loop.create_connection(lambda: _Stream(request, tokens, delays, first, done), host, port)
         except OSError as exc:
             return type(exc).__name__
         try:
@@ -106,25 +118,25 @@ async def _streams(url: str, key: str, streams: int, tokens: int, model: str, st
         except TimeoutError:
             return "timeout"
 
-    outcomes = await asyncio.gather(*(one() for _ in range(streams)))
+    outcomes = await asyncio.gather(*(one(i) for i in range(streams)))
     errors: dict[str, int] = {}
     for outcome in outcomes:
         if outcome != "ok":
             errors[outcome] = errors.get(outcome, 0) + 1
     complete = outcomes.count("ok")
-    return _Result(delays, complete, streams - complete, errors)
+    return _Result(delays, first, complete, streams - complete, errors)
 
 
-def _worker(args: tuple[str, str, int, int, str, float, int | None]) -> _Result:
-    url, key, streams, tokens, model, start_at, cpu = args
+def _worker(args: tuple[str, str, int, int, str, float, float, int | None]) -> _Result:
+    url, key, streams, tokens, model, start_at, ramp_s, cpu = args
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     try:
         import uvloop
 
-        return uvloop.run(_streams(url, key, streams, tokens, model, start_at))
+        return uvloop.run(_streams(url, key, streams, tokens, model, start_at, ramp_s))
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(_streams(url, key, streams, tokens, model, start_at))
+        return asyncio.run(_streams(url, key, streams, tokens, model, start_at, ramp_s))
 
 
 def percentile(sorted_values: list[int], q: float) -> float:
@@ -142,16 +154,19 @@ def run(
     processes: int = 3,
     cpu: int | None = None,
     model: str = "bench-model",
+    ramp_s: float = 0.0,
 ) -> dict[str, Any]:
-    """Open `streams` streams at once over `processes` client processes; the chunk delays, summarised."""
+    """Open `streams` streams over `processes` client processes (all at once, or spread evenly over
+    `ramp_s`); the chunk delays, summarised: inter-chunk (every chunk after a stream's first) and first."""
     share = [streams // processes + (1 if i < streams % processes else 0) for i in range(processes)]
     start_at = time.time() + 0.5
     started = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(processes) as pool:
-        parts = pool.map(_worker, [(url, key, n, tokens, model, start_at, cpu) for n in share if n])
+        parts = pool.map(_worker, [(url, key, n, tokens, model, start_at, ramp_s, cpu) for n in share if n])
     elapsed = time.perf_counter() - started - 0.5
     delays = sorted(d for part in parts for d in part.delays_us)
+    first = sorted(d for part in parts for d in part.first_us)
     errors: dict[str, int] = {}
     for part in parts:
         for name, count in part.errors.items():
@@ -161,10 +176,13 @@ def run(
         "tokens": tokens,
         "complete": sum(p.complete for p in parts),
         "errors": errors,
-        "chunks": len(delays),
+        "ramp_s": ramp_s,
+        "chunks": len(delays) + len(first),
         "elapsed_s": round(elapsed, 2),
         "delay_p50_ms": round(percentile(delays, 0.50) / 1000, 3),
         "delay_p90_ms": round(percentile(delays, 0.90) / 1000, 3),
         "delay_p99_ms": round(percentile(delays, 0.99) / 1000, 3),
         "delay_max_ms": round((delays[-1] if delays else float("nan")) / 1000, 3),
+        "first_p50_ms": round(percentile(first, 0.50) / 1000, 3),
+        "first_p99_ms": round(percentile(first, 0.99) / 1000, 3),
     }
