@@ -29,13 +29,16 @@ does the HTTP part in the fewest steps:
 - HTTP/1.1 keep-alive and pipelining (a request that arrives while the previous answer is still being
   written waits, its socket paused), HTTP/1.0, `Expect: 100-continue`, HEAD.
 
-Errors this module writes itself are plain text: they happen before a request exists for the app to
-answer in OpenAI's shape (a malformed head, a timeout before the body was read).
+Errors this module writes itself (a malformed head, a head too large, a timeout before the body was
+read, an app that failed before answering) happen before the app can answer, so the protocol writes them
+itself, in the same OpenAI shape as every other error (SPEC section 11): `{"error": {"message", "type",
+"param", "code"}}`, and closes the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -606,12 +609,12 @@ class HttpProtocol(asyncio.Protocol):
         if active is not None and active.response_started:
             self.close()
             return
-        body = message.encode("utf-8", "replace")
+        body = _error_body(status, message)
         head = [_STATUS.get(status) or _status_line(status)]
         for name, value in self.default_headers():
             head += (name, b": ", value, b"\r\n")
         head += (
-            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body),
             b"connection: close\r\n\r\n",
             body,
@@ -653,6 +656,17 @@ class HttpProtocol(asyncio.Protocol):
         )
         if active is not None:
             active.wake()
+
+
+# The OpenAI error code of each answer the protocol writes itself.
+_CODES = {400: "invalid_http_request", 408: "request_timeout", 431: "request_header_fields_too_large"}
+
+
+def _error_body(status: int, message: str) -> bytes:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    code = _CODES.get(status, "internal_error" if status >= 500 else None)
+    error = {"message": message, "type": kind, "param": None, "code": code}
+    return json.dumps({"error": error}, ensure_ascii=True).encode()
 
 
 class _HeadTooLarge(Exception):
