@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.auth import Authenticator, bearer_token
+from gateway.auth import Authenticator, authorization_header, bearer_token, secret_matches
 from gateway.config import Settings
 from gateway.errors import (
     AuthenticationError,
@@ -29,7 +29,7 @@ from gateway.errors import (
     PermissionDeniedError,
     UnprocessableError,
 )
-from gateway.keys import generate_key, hash_key, hashes_equal, new_key_id
+from gateway.keys import generate_key, hash_key, new_key_id
 from gateway.metrics import Metrics
 from gateway.stats import LiveStats, StatsReport
 from gateway.store import Store
@@ -236,11 +236,11 @@ def create_admin_app(ctx: AdminContext) -> FastAPI:
         return JSONResponse({"error": error}, status_code=422)
 
     async def require_admin(request: Request) -> str:
-        token = bearer_token(request.headers.get("authorization", "").encode("latin-1", "replace"))
+        token = bearer_token(authorization_header(request.scope["headers"]))
         admin_key = ctx.settings.admin_key
         if token is None:
             raise AuthenticationError("The admin API needs 'Authorization: Bearer <admin key>'.")
-        if admin_key is not None and hashes_equal(hash_key(token), hash_key(admin_key)):
+        if admin_key is not None and secret_matches(token, admin_key):
             return "admin"
         try:
             await ctx.authenticator.authenticate(b"Bearer " + token.encode("latin-1", "replace"))

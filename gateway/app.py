@@ -30,14 +30,13 @@ from gateway import httpclient
 from gateway.admin import AdminContext, create_admin_app
 from gateway.admission import Admission
 from gateway.asgi import ClientDisconnected, Message, Receive, Scope, Send, header, send_response
-from gateway.auth import Authenticator, bearer_token
+from gateway.auth import Authenticator, authorization_header, bearer_token, secret_matches
 from gateway.backends import BackendPool
 from gateway.billing import Billing
 from gateway.config import BackendConfig, ConfigError, Price, Settings
 from gateway.console import PREFIX as CONSOLE_PREFIX
 from gateway.console import Console
 from gateway.errors import AuthenticationError, GatewayError, NotFoundError
-from gateway.keys import hash_key, hashes_equal
 from gateway.limits import FailoverQuotaStore, LocalQuotaStore, PipelinedRedis, QuotaStore, RedisQuotaStore
 from gateway.metrics import Metrics
 from gateway.propagation import ChangeListener
@@ -260,8 +259,8 @@ class GatewayApp:
         token = self.settings.metrics_token
         if token is None:
             return
-        given = bearer_token(header(scope, b"authorization"))
-        if given is None or not hashes_equal(hash_key(given), hash_key(token)):
+        given = bearer_token(authorization_header(scope["headers"]))
+        if given is None or not secret_matches(given, token):
             raise AuthenticationError("The metrics endpoint needs 'Authorization: Bearer <metrics token>'.")
 
     def _quota_store(self, settings: Settings) -> tuple[QuotaStore, PipelinedRedis | None]:

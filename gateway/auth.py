@@ -11,17 +11,43 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from gateway.errors import AuthenticationError, ServiceUnavailableError
+from gateway.errors import AuthenticationError, BadRequestError, ServiceUnavailableError
 from gateway.keys import hash_key, hashes_equal, looks_like_key
 from gateway.store import Store
 from gateway.tenancy import Principal
 
-__all__ = ["Authenticator", "bearer_token"]
+__all__ = ["Authenticator", "authorization_header", "bearer_token", "secret_matches"]
 
 _MISSING = "You didn't provide an API key. Send it in the Authorization header: 'Authorization: Bearer sk-gw-...'."
 _INVALID = "Incorrect API key provided."
+
+
+def authorization_header(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The request's one `Authorization` header (ASGI headers: lower-case names).
+
+    Two of them are refused (400) rather than one picked: proxies, frameworks and the backends behind
+    them disagree on which one wins (first, last, or joined with a comma), so a request carrying two
+    credentials could be authenticated as one caller and logged or forwarded as another.
+    """
+    found: bytes | None = None
+    for name, value in headers:
+        if name == b"authorization":
+            if found is not None:
+                raise BadRequestError(
+                    "The request has more than one Authorization header; send exactly one.",
+                    code="duplicate_authorization",
+                )
+            found = value
+    return found
+
+
+def secret_matches(token: str, secret: str) -> bool:
+    """Whether `token` is `secret` (the admin key, the metrics token), in time that does not depend on how
+    much of it matches: both are hashed first, so the bytes compared bear no relation to a guess's prefix,
+    and the digests are compared with `hmac.compare_digest`."""
+    return hashes_equal(hash_key(token), hash_key(secret))
 
 
 def bearer_token(header: bytes | None) -> str | None:

@@ -28,8 +28,8 @@ import orjson
 
 from gateway import httpclient
 from gateway.admission import Admission, Admitted
-from gateway.asgi import ClientDisconnected, Receive, Scope, Send, header, read_body, send_response
-from gateway.auth import Authenticator
+from gateway.asgi import ClientDisconnected, Receive, Scope, Send, read_body, send_response
+from gateway.auth import Authenticator, authorization_header
 from gateway.backends import Backend, BackendPool
 from gateway.billing import Billing
 from gateway.config import ModelConfig, Settings
@@ -220,7 +220,7 @@ class InferenceHandler:
         self, scope: Scope, receive: Receive, send: Send, endpoint: str, request_id: str, progress: _Progress
     ) -> None:
         started = time.perf_counter()
-        principal = await self._auth.authenticate(header(scope, b"authorization"))
+        principal = await self._auth.authenticate(authorization_header(scope["headers"]))
         tenant_label = progress.tenant = self._metrics.tenant_label(principal.tenant_id, principal.tenant.weight)
         raw = await read_body(scope, receive, self._limits.max_body_bytes)
         request = parse_request(endpoint, raw, self._limits.max_tokens_cap)
@@ -368,7 +368,7 @@ class InferenceHandler:
 
     async def models(self, scope: Scope, send: Send, path: str, request_id: str) -> None:
         """`GET /v1/models` (only what the caller may use) and `GET /v1/models/{id}`."""
-        principal = await self._auth.authenticate(header(scope, b"authorization"))
+        principal = await self._auth.authenticate(authorization_header(scope["headers"]))
         rid = [(b"x-request-id", request_id.encode())]
         if path in ("/v1/models", "/v1/models/"):
             data = [_model_object(m) for m in self._models.values() if principal.may_use(m.name)]
