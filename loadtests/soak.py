@@ -419,7 +419,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--rate", type=float, default=50.0, help="arrivals per second, all kinds together")
+    parser.add_argument("--rate", type=float, default=100.0, help="arrivals per second, all kinds together")
     parser.add_argument("--sample-s", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=9)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench", help="where soak.json and soak.png go")
