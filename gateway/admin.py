@@ -12,12 +12,16 @@ from __future__ import annotations
 import datetime as dt
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from gateway.auth import Authenticator, authorization_header, bearer_token, secret_matches
 from gateway.config import Settings
@@ -33,12 +37,14 @@ from gateway.keys import generate_key, hash_key, new_key_id
 from gateway.metrics import Metrics
 from gateway.stats import LiveStats, StatsReport
 from gateway.store import Store
-from gateway.tenancy import TENANT_ID, AuditEntry, Budget, KeyRecord, Quotas, Tenant, UsageRow
+from gateway.tenancy import CACHE_SCOPE, TENANT_ID, AuditEntry, Budget, KeyRecord, Quotas, Tenant, UsageRow
 from gateway.usage import UsageLedger
 
 __all__ = ["AdminContext", "create_admin_app"]
 
 _Managed = TypeVar("_Managed", Tenant, KeyRecord)
+# Documentation only (auto_error=False: it never refuses anything itself); `require_admin` decides.
+_BEARER = HTTPBearer(auto_error=False, description="The admin key: `Authorization: Bearer <GATEWAY_ADMIN_KEY>`")
 
 
 @dataclass(frozen=True)
@@ -51,56 +57,77 @@ class AdminContext:
     stats: LiveStats
 
 
+# What the OpenAPI document says of these fields is what the API accepts, so a client (or a fuzzer) built
+# from the document is never refused for input the document allows. In the PATCH bodies, a field that
+# cannot be null has no null in its type (absent means unchanged; the default is never validated).
+_LimitName = Literal["rpm", "tpm", "concurrency", "inflight_tokens", "budget", "queue"]
+_OnLimit = dict[_LimitName, Annotated[str, Field(pattern=r"^(reject|downgrade:.+)$")]]
+_Pattern = Annotated[str, Field(min_length=1, max_length=200)]
+# The default of a PATCH field that cannot be null: absent means unchanged; pydantic never validates a
+# default, while a `null` sent in the body is refused (422) like any other wrong type.
+_UNSET: Any = None
+_Weight = Annotated[float, Field(gt=0, le=1_000_000)]
+_Priority = Annotated[int, Field(ge=-100, le=100)]
+_Scope = Annotated[str, Field(pattern=CACHE_SCOPE)]
+_UserField = Literal["passthrough", "tenant", "strip"]
+# Offsets and times the store's integer columns can hold.
+_MAX_INT64 = 2**63 - 1
+
+
 class TenantIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(pattern=TENANT_ID)
     name: str | None = Field(default=None, max_length=200)
-    weight: float = Field(default=1.0, gt=0, le=1_000_000)
-    priority: int = Field(default=0, ge=-100, le=100)
-    models: list[str] = Field(default_factory=lambda: ["*"])
+    weight: _Weight = 1.0
+    priority: _Priority = 0
+    models: list[_Pattern] = Field(default_factory=lambda: ["*"])
     limits: Quotas = Quotas()
     budget: Budget | None = None
-    cache_scope: str = "tenant"
+    cache_scope: _Scope = "tenant"
     allow_client_salt: bool = False
-    user_field: str = "passthrough"
-    on_limit: dict[str, str] = Field(default_factory=dict)
+    user_field: _UserField = "passthrough"
+    on_limit: _OnLimit = Field(default_factory=dict)
 
 
 class TenantPatch(BaseModel):
-    """Partial update: only the fields present change."""
+    """Partial update: only the fields present change. `null` is accepted (and documented) only where it
+    means something: no name, no budget."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, max_length=200)
-    weight: float | None = Field(default=None, gt=0, le=1_000_000)
-    priority: int | None = Field(default=None, ge=-100, le=100)
-    models: list[str] | None = None
-    limits: Quotas | None = None
+    weight: _Weight = _UNSET
+    priority: _Priority = _UNSET
+    models: list[_Pattern] = _UNSET
+    limits: Quotas = _UNSET
     budget: Budget | None = None
-    cache_scope: str | None = None
-    allow_client_salt: bool | None = None
-    user_field: str | None = None
-    on_limit: dict[str, str] | None = None
+    cache_scope: _Scope = _UNSET
+    allow_client_salt: bool = _UNSET
+    user_field: _UserField = _UNSET
+    on_limit: _OnLimit = _UNSET
 
 
 class KeyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, max_length=200)
-    models: list[str] | None = None
+    models: list[_Pattern] | None = None
     limits: Quotas = Quotas()
     expires_at: float | None = Field(default=None, description="Unix time after which the key stops working.")
 
 
 class KeyPatch(BaseModel):
+    """Partial update. `null` means: no name, the tenant's models, no expiry; `limits` and `disabled`
+    cannot be null."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, max_length=200)
-    models: list[str] | None = None
-    limits: Quotas | None = None
+    models: list[_Pattern] | None = None
+    limits: Quotas = _UNSET
     expires_at: float | None = None
-    disabled: bool | None = None
+    disabled: bool = _UNSET
 
 
 class RotateIn(BaseModel):
@@ -157,20 +184,21 @@ class UsageReport(UsageTotals):
     by_key: list[KeyUsage] = Field(default_factory=list)
 
 
-def _parse_time(value: str | None, default: float, param: str) -> float:
-    if value is None:
-        return default
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise UnprocessableError(f"{param}: a Unix time or an ISO 8601 date-time", param=param) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
-    return parsed.timestamp()
+_SINCE = "Unix time or ISO 8601 date-time (UTC unless it says otherwise); default 30 days before until"
+_UNTIL = "Unix time or ISO 8601 date-time (UTC unless it says otherwise); default now"
+
+
+def _timestamp(value: dt.datetime) -> float:
+    return (value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def _time_range(since: dt.datetime | None, until: dt.datetime | None) -> tuple[float, float]:
+    """The usage query's range as Unix times. The parameters are parsed as datetimes (pydantic also takes
+    a Unix time), so only instants between the years 1 and 9999 get here: `1e308` or `inf` is refused with
+    422 instead of overflowing the store's query. A range whose until is before its since selects nothing."""
+    end = time.time() if until is None else _timestamp(until)
+    start = end - 30 * 86400 if since is None else _timestamp(since)
+    return start, end
 
 
 def _report(tenant: str, since: float, until: float, rows: list[UsageRow]) -> UsageReport:
@@ -185,6 +213,31 @@ def _report(tenant: str, since: float, until: float, rows: list[UsageRow]) -> Us
             totals.spend[row.currency] = round(totals.spend.get(row.currency, 0.0) + row.spend, 10)
     report.by_key = sorted(keys.values(), key=lambda k: k.key_id)
     return report
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error of the admin API, in OpenAI's shape (the same as the client API's)."""
+
+    error: ErrorDetail
+
+
+# Documented on every operation, so the OpenAPI document says what the API really answers.
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Malformed request (unparsable JSON body, two Authorization headers)"},
+    401: {"model": ErrorBody, "description": "Missing or wrong admin key"},
+    403: {"model": ErrorBody, "description": "A tenant's virtual key"},
+    404: {"model": ErrorBody, "description": "No such tenant or key"},
+    409: {"model": ErrorBody, "description": "Conflict: exists already, config-managed, or revoked"},
+    422: {"model": ErrorBody, "description": "Invalid field; `param` names it"},
+}
+_HTTP_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}
 
 
 class AuditPage(BaseModel):
@@ -226,6 +279,20 @@ def create_admin_app(ctx: AdminContext) -> FastAPI:
     async def _gateway_error(_: Request, exc: GatewayError) -> Response:
         return Response(exc.body(), status_code=exc.status, media_type="application/json", headers=exc.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # The framework's own refusals (a body it cannot parse, an unknown path, a wrong method) in the same
+        # shape as every other error, not Starlette's `{"detail": ...}`.
+        kind = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        detail = exc.detail if isinstance(exc.detail, str) else "Request refused."
+        error = {"message": detail, "type": kind, "param": None, "code": _HTTP_CODES.get(exc.status_code)}
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the methods of the first route that matched the path; a path served by
+            # several routes (GET and POST /admin/tenants) must list them all.
+            headers = {"allow": ", ".join(_allowed_methods(router, request.scope))}
+        return JSONResponse({"error": error}, status_code=exc.status_code, headers=headers)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Response:
         errors = exc.errors()
@@ -235,7 +302,12 @@ def create_admin_app(ctx: AdminContext) -> FastAPI:
         error = {"message": message, "type": "invalid_request_error", "param": param, "code": "validation_error"}
         return JSONResponse({"error": error}, status_code=422)
 
-    async def require_admin(request: Request) -> str:
+    async def require_admin(
+        request: Request,
+        # Declares the bearer scheme in the OpenAPI document; the check itself is below (one header only,
+        # constant-time comparison, a tenant key told apart from a wrong key).
+        _: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)] = None,
+    ) -> str:
         token = bearer_token(authorization_header(request.scope["headers"]))
         admin_key = ctx.settings.admin_key
         if token is None:
@@ -250,7 +322,7 @@ def create_admin_app(ctx: AdminContext) -> FastAPI:
             raise AuthenticationError("Incorrect admin key provided.") from None
         raise PermissionDeniedError("A tenant's virtual key cannot use the admin API.", code="admin_only")
 
-    router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+    router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], responses=_ERRORS)
 
     async def audit(action: str, target: str, **details: object) -> None:
         await store.append_audit(
@@ -351,9 +423,12 @@ def create_admin_app(ctx: AdminContext) -> FastAPI:
     async def update_key(key_id: str, body: KeyPatch) -> dict[str, Any]:
         record = _unmanaged(await _key(store, key_id), f"key {key_id!r}")
         changes = body.model_dump(exclude_unset=True)
-        if changes.get("models") is not None:
-            changes["models"] = tuple(changes["models"])
-        updated = record.model_copy(update=changes)
+        try:
+            # Validated as a whole (model_copy would not): `{"disabled": null}` or `{"limits": null}` stored
+            # as is made every later read of the key fail, and its requests with it.
+            updated = KeyRecord(**{**record.model_dump(), **changes})
+        except ValidationError as exc:
+            raise _as_422(exc) from None
         await store.put_key(updated)
         ctx.authenticator.invalidate(record.secret_hash)
         await audit("key.update", f"key:{key_id}", changes=body.model_dump(exclude_unset=True))
@@ -387,26 +462,22 @@ def create_admin_app(ctx: AdminContext) -> FastAPI:
     @router.get("/tenants/{tenant_id}/usage", response_model=UsageReport, tags=["usage"])
     async def tenant_usage(
         tenant_id: str,
-        since: Annotated[str | None, Query(description="Unix time or ISO 8601; default 30 days ago")] = None,
-        until: Annotated[str | None, Query(description="Unix time or ISO 8601; default now")] = None,
-        key_id: Annotated[str | None, Query()] = None,
+        since: Annotated[dt.datetime | None, Query(description=_SINCE)] = None,
+        until: Annotated[dt.datetime | None, Query(description=_UNTIL)] = None,
+        key_id: Annotated[str | None, Query(max_length=64)] = None,
     ) -> UsageReport:
         await _tenant(store, tenant_id)
-        now = time.time()
-        start, end = _parse_time(since, now - 30 * 86400, "since"), _parse_time(until, now, "until")
-        if end < start:
-            raise UnprocessableError("until: must not be before since", param="until")
+        start, end = _time_range(since, until)
         return _report(tenant_id, start, end, await ctx.ledger.query(tenant_id, start, end, key_id))
 
     @router.get("/keys/{key_id}/usage", response_model=UsageReport, tags=["usage"])
     async def key_usage(
         key_id: str,
-        since: Annotated[str | None, Query()] = None,
-        until: Annotated[str | None, Query()] = None,
+        since: Annotated[dt.datetime | None, Query(description=_SINCE)] = None,
+        until: Annotated[dt.datetime | None, Query(description=_UNTIL)] = None,
     ) -> UsageReport:
         record = await _key(store, key_id)
-        now = time.time()
-        start, end = _parse_time(since, now - 30 * 86400, "since"), _parse_time(until, now, "until")
+        start, end = _time_range(since, until)
         return _report(record.tenant_id, start, end, await ctx.ledger.query(record.tenant_id, start, end, key_id))
 
     # --- live stats -------------------------------------------------------------------------------
@@ -433,7 +504,7 @@ def create_admin_app(ctx: AdminContext) -> FastAPI:
     @router.get("/audit", response_model=AuditPage, tags=["audit"])
     async def list_audit(
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        after: Annotated[int, Query(ge=0)] = 0,
+        after: Annotated[int, Query(ge=0, le=_MAX_INT64)] = 0,
     ) -> AuditPage:
         rows = await store.list_audit(after=after, limit=limit + 1)
         more = len(rows) > limit
@@ -456,6 +527,14 @@ async def _key(store: Store, key_id: str) -> KeyRecord:
     if record is None:
         raise NotFoundError(f"No key {key_id!r}.", code="not_found")
     return record
+
+
+def _allowed_methods(router: APIRouter, scope: Any) -> list[str]:
+    methods: set[str] = set()
+    for route in router.routes:
+        if isinstance(route, APIRoute) and route.matches(scope)[0] != Match.NONE:
+            methods |= route.methods or set()
+    return sorted(methods)
 
 
 def _unmanaged(obj: _Managed, what: str) -> _Managed:

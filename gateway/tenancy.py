@@ -24,7 +24,8 @@ __all__ = [
     "model_allowed",
 ]
 
-_SCOPE = re.compile(r"^(tenant|global|key|group:[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$")
+CACHE_SCOPE = r"^(tenant|global|key|group:[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"
+_SCOPE = re.compile(CACHE_SCOPE)
 TENANT_ID = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _LIMITS = {"rpm", "tpm", "concurrency", "inflight_tokens", "budget", "queue"}
 

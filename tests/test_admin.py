@@ -188,3 +188,97 @@ def test_metrics_token_protects_tenant_series(tmp_path_factory: pytest.TempPathF
         assert ok.status_code == 200 and "gateway_requests_total" in ok.text
     finally:
         proc.stop()
+
+
+def test_a_patch_with_null_for_a_required_field_is_refused_and_the_key_stays_usable(gw: GatewayProc) -> None:
+    """Found by schemathesis: `{"disabled": null}` was stored as is, after which every read of the key (and
+    the tenant's key list) answered 500."""
+    h = admin(gw)
+    httpx.post(gw.url + "/admin/tenants", json={"id": "nulls"}, headers=h)
+    created = httpx.post(gw.url + "/admin/tenants/nulls/keys", json={"name": "n"}, headers=h).json()
+    for body, param in (({"disabled": None}, "disabled"), ({"limits": None}, "limits")):
+        resp = httpx.patch(gw.url + f"/admin/keys/{created['id']}", json=body, headers=h)
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["error"]["param"] == param
+    # null where it means something: no name, the tenant's models, no expiry.
+    resp = httpx.patch(
+        gw.url + f"/admin/keys/{created['id']}", json={"name": None, "models": None, "expires_at": None}, headers=h
+    )
+    assert resp.status_code == 200 and resp.json()["name"] is None
+    assert httpx.get(gw.url + f"/admin/keys/{created['id']}", headers=h).status_code == 200
+    assert httpx.get(gw.url + "/admin/tenants/nulls/keys", headers=h).status_code == 200
+    models = httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {created['key']}"})
+    assert models.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "param"),
+    [
+        ("/admin/tenants/ranges/usage", {"since": "1e308"}, "since"),
+        ("/admin/tenants/ranges/usage", {"until": "inf"}, "until"),
+        ("/admin/tenants/ranges/usage", {"since": "nan"}, "since"),
+        ("/admin/audit", {"after": str(2**70)}, "after"),
+    ],
+)
+def test_out_of_range_numbers_get_422_not_500(gw: GatewayProc, path: str, params: dict[str, str], param: str) -> None:
+    """Found by schemathesis: they reached SQLite as integers too large for it (OverflowError, 500)."""
+    httpx.post(gw.url + "/admin/tenants", json={"id": "ranges"}, headers=admin(gw))
+    resp = httpx.get(gw.url + path, params=params, headers=admin(gw))
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["param"] == param
+
+
+def test_usage_range_defaults_to_30_days_before_until_and_an_inverted_range_is_empty(gw: GatewayProc) -> None:
+    httpx.post(gw.url + "/admin/tenants", json={"id": "ranges"}, headers=admin(gw))
+    past = httpx.get(gw.url + "/admin/tenants/ranges/usage", params={"until": "2000-01-31T00:00:00Z"}, headers=admin(gw))
+    assert past.status_code == 200 and past.json()["until"] - past.json()["since"] == 30 * 86400
+    inverted = {"since": "2001-01-01T00:00:00Z", "until": "2000-01-01T00:00:00Z"}
+    resp = httpx.get(gw.url + "/admin/tenants/ranges/usage", params=inverted, headers=admin(gw))
+    assert resp.status_code == 200 and resp.json()["requests"] == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "content", "status", "code"),
+    [
+        ("POST", "/admin/tenants", b"{not json", 422, "validation_error"),
+        ("POST", "/admin/tenants/x/keys", b"\xff\xfe", 422, "validation_error"),
+        ("GET", "/admin/nothing-here", None, 404, "not_found"),
+        ("DELETE", "/admin/tenants", None, 405, "method_not_allowed"),
+    ],
+)
+def test_framework_refusals_are_openai_shaped(
+    gw: GatewayProc, method: str, path: str, content: bytes | None, status: int, code: str
+) -> None:
+    headers = {**admin(gw), "content-type": "application/json"}
+    resp = httpx.request(method, gw.url + path, content=content, headers=headers)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
+    assert resp.headers["x-request-id"]
+
+
+def test_405_lists_every_method_of_the_path(gw: GatewayProc) -> None:
+    """Starlette's own 405 named only the first matching route's methods (`Allow: POST` on /admin/tenants)."""
+    resp = httpx.request("OPTIONS", gw.url + "/admin/tenants", headers=admin(gw))
+    assert resp.status_code == 405
+    assert resp.headers["allow"] == "GET, POST"
+    resp = httpx.request("PUT", gw.url + "/admin/tenants/x", headers=admin(gw))
+    assert resp.headers["allow"] == "DELETE, GET, PATCH"
+
+
+def test_openapi_documents_the_bearer_scheme_and_the_error_shape(gw: GatewayProc) -> None:
+    doc = httpx.get(gw.url + "/openapi.json").json()
+    schemes = doc["components"]["securitySchemes"]
+    assert [s["scheme"] for s in schemes.values()] == ["bearer"]
+    operation = doc["paths"]["/admin/tenants"]["post"]
+    assert operation["security"]
+    for status in ("401", "404", "409", "422"):
+        ref = operation["responses"][status]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.endswith("/ErrorBody")
+
+
+def test_two_authorization_headers_are_refused(gw: GatewayProc) -> None:
+    headers = [("Authorization", f"Bearer {gw.admin_key}"), ("Authorization", "Bearer sk-gw-" + "x" * 43)]
+    resp = httpx.get(gw.url + "/admin/tenants", headers=headers)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "duplicate_authorization"
