@@ -230,7 +230,9 @@ def test_out_of_range_numbers_get_422_not_500(gw: GatewayProc, path: str, params
 
 def test_usage_range_defaults_to_30_days_before_until_and_an_inverted_range_is_empty(gw: GatewayProc) -> None:
     httpx.post(gw.url + "/admin/tenants", json={"id": "ranges"}, headers=admin(gw))
-    past = httpx.get(gw.url + "/admin/tenants/ranges/usage", params={"until": "2000-01-31T00:00:00Z"}, headers=admin(gw))
+    past = httpx.get(
+        gw.url + "/admin/tenants/ranges/usage", params={"until": "2000-01-31T00:00:00Z"}, headers=admin(gw)
+    )
     assert past.status_code == 200 and past.json()["until"] - past.json()["since"] == 30 * 86400
     inverted = {"since": "2001-01-01T00:00:00Z", "until": "2000-01-01T00:00:00Z"}
     resp = httpx.get(gw.url + "/admin/tenants/ranges/usage", params=inverted, headers=admin(gw))
