@@ -353,3 +353,125 @@ def test_a_stream_reader_that_never_reads_holds_the_backend_back(gw: GatewayProc
     assert event is not None
     assert event["data"]["partial"] is True and event["data"]["status"] == 499
     assert 0 < event["data"]["completion_tokens"] < 300_000
+
+
+def openai_error(body: bytes) -> dict[str, object]:
+    error: dict[str, object] = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def test_the_protocols_own_errors_are_openai_shaped(gw: GatewayProc) -> None:
+    for raw, status, code in (
+        (b"NOT HTTP AT ALL\r\n\r\n", 400, "invalid_http_request"),
+        (
+            b"GET /livez HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+            431,
+            "request_header_fields_too_large",
+        ),
+        (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nX-Slow: ", 408, "request_timeout"),
+    ):
+        with connect(gw) as sock:
+            sock.sendall(raw)
+            got, headers, body = read_response(sock)
+            assert got == status and headers["content-type"] == "application/json"
+            error = openai_error(body)
+            assert error["code"] == code and error["type"] == "invalid_request_error"
+
+
+# Header injection and request smuggling: llhttp in strict mode refuses each of these before the app sees
+# them, so no value can smuggle a second header (or a second request) past the gateway to the backend.
+KEYLESS = b"Authorization: Bearer sk-gw-" + b"k" * 43 + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nX-A: foo\rInjected: bar\r\n" + KEYLESS + b"\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nX-A: foo\nInjected: bar\r\n" + KEYLESS + b"\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nX-A: foo\r\n bar\r\n" + KEYLESS + b"\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer\r\n\tsk-gw-" + b"k" * 43 + b"\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nX-A: a\x00b\r\n" + KEYLESS + b"\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization : Bearer sk-gw-" + b"k" * 43 + b"\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\nHost: gw\n" + KEYLESS.replace(b"\r\n", b"\n") + b"\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n"
+        + KEYLESS
+        + b"\r\n0\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\nContent-Length: 6\r\n"
+        + KEYLESS
+        + b"\r\nhello!",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: xchunked\r\n" + KEYLESS + b"\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: -1\r\n" + KEYLESS + b"\r\n",
+    ],
+    ids=[
+        "bare-cr-in-value",
+        "bare-lf-in-value",
+        "obs-fold",
+        "obs-fold-in-authorization",
+        "nul-in-value",
+        "space-before-colon",
+        "lf-only-line-ends",
+        "content-length-and-chunked",
+        "two-content-lengths",
+        "unknown-transfer-encoding",
+        "negative-content-length",
+    ],
+)
+def test_header_injection_and_smuggling_get_400(gw: GatewayProc, key: str, raw: bytes) -> None:
+    with connect(gw) as sock:
+        sock.sendall(raw)
+        status, headers, body = read_response(sock)
+        assert status == 400 and headers["connection"] == "close"
+        assert openai_error(body)["type"] == "invalid_request_error"
+        assert closed_by_peer(sock, 2)
+    with connect(gw) as sock:  # the gateway serves the next client as usual
+        sock.sendall(post(key))
+        assert read_response(sock)[0] == 200
+
+
+def models_with(gw: GatewayProc, *auth_lines: bytes) -> tuple[int, dict[str, object] | None]:
+    head = b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n" + b"".join(b"%s\r\n" % line for line in auth_lines) + b"\r\n"
+    with connect(gw) as sock:
+        sock.sendall(head)
+        status, _, body = read_response(sock)
+    return status, (openai_error(body) if status >= 400 else None)
+
+
+def test_two_authorization_headers_are_refused_whichever_comes_first(gw: GatewayProc, key: str) -> None:
+    """Ambiguous credentials are refused rather than guessed: proxies and frameworks disagree on which of two
+    Authorization headers wins (first, last, or both joined), so the gateway could authenticate one caller
+    while something in front of it or behind it logs or forwards the other."""
+    good, wrong = b"Authorization: Bearer " + key.encode(), b"Authorization: Bearer sk-gw-" + b"x" * 43
+    for lines in ((good, wrong), (wrong, good), (good, good), (good, b"Authorization: ")):
+        status, error = models_with(gw, *lines)
+        assert status == 400 and error is not None and error["code"] == "duplicate_authorization"
+
+
+def test_authorization_forms(gw: GatewayProc, key: str) -> None:
+    k = key.encode()
+    # Accepted, per RFC 9110 and RFC 6750: the scheme is case-insensitive, 1*SP separates it from the
+    # token, and whitespace around a field value is not part of it.
+    for line in (
+        b"Authorization: Bearer " + k,
+        b"Authorization: bearer " + k,
+        b"authorization:   BEARER   " + k + b"  ",
+    ):
+        assert models_with(gw, line)[0] == 200, line
+    # Refused with 401 invalid_api_key: anything that is not exactly the key after `Bearer `.
+    for line in (
+        b"Authorization: Token " + k,
+        b"Authorization: Basic " + k,
+        b"Authorization: Bearer\t" + k,
+        b"Authorization: Bearer " + k + b" extra",
+        b"Authorization: Bearer " + k[:20] + b" " + k[20:],
+        b"Authorization: Bearer " + k[:-1],
+        b"Authorization: Bearer " + k.lower(),
+        b"Authorization: Bearer sk-xx-" + k[6:],
+        b"Authorization: Bearer \xc3\xa9" + k,
+        b"Authorization: " + k,
+        b"Authorization: Bearer",
+    ):
+        status, error = models_with(gw, line)
+        assert status == 401 and error is not None, line
+        assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+    assert key not in gw.output()
