@@ -58,7 +58,7 @@ from gateway.upstream import (
 )
 from gateway.usage import UsageLedger
 
-__all__ = ["InferenceHandler", "Outcome"]
+__all__ = ["InferenceHandler", "Outcome", "rewrite"]
 
 log = logging.getLogger("gateway.proxy")
 
@@ -396,24 +396,10 @@ class InferenceHandler:
         backend: Backend,
         cache_scope: str | None,
     ) -> bytes:
-        body = request.body
-        body["model"] = model.upstream_name
-        # The client's own salt is never forwarded as is (SPEC section 5).
-        body.pop("cache_salt", None)
-        if backend.config.kind == "vllm" and cache_scope is not None:
-            if request.client_salt is not None and principal.tenant.allow_client_salt:
-                body["cache_salt"] = self._salts.derive_sub(cache_scope, request.client_salt)
-            else:
-                body["cache_salt"] = self._salts.derive(cache_scope)
-        if request.stream and request.endpoint != "responses":
-            options = body.get("stream_options") or {}
-            body["stream_options"] = {**options, "include_usage": True}
-        policy = principal.tenant.user_field
-        if policy == "tenant":
-            body["user"] = principal.tenant_id
-        elif policy == "strip":
-            body.pop("user", None)
-        return orjson.dumps(body)
+        salted = backend.config.kind == "vllm"
+        return rewrite(
+            request, principal, model.upstream_name, salts=self._salts if salted else None, scope=cache_scope
+        )
 
     def _model_swap(self, model: ModelConfig) -> tuple[bytes | None, bytes | None]:
         if model.upstream_name == model.name:
@@ -616,6 +602,32 @@ class InferenceHandler:
                 },
             },
         )
+
+
+def rewrite(
+    request: ParsedRequest, principal: Principal, upstream_model: str, *, salts: SaltDeriver | None, scope: str | None
+) -> bytes:
+    """The body the backend gets: the upstream model name, our `cache_salt` (for a backend that enforces salts,
+    `salts` given, and a tenant that is not in the global scope) in place of the client's, usage asked for on
+    streams, `user` per the tenant's policy; every other field as the client sent it."""
+    body = request.body
+    body["model"] = upstream_model
+    # The client's own salt is never forwarded as is (SPEC section 5).
+    body.pop("cache_salt", None)
+    if salts is not None and scope is not None:
+        if request.client_salt is not None and principal.tenant.allow_client_salt:
+            body["cache_salt"] = salts.derive_sub(scope, request.client_salt)
+        else:
+            body["cache_salt"] = salts.derive(scope)
+    if request.stream and request.endpoint != "responses":
+        options = body.get("stream_options") or {}
+        body["stream_options"] = {**options, "include_usage": True}
+    policy = principal.tenant.user_field
+    if policy == "tenant":
+        body["user"] = principal.tenant_id
+    elif policy == "strip":
+        body.pop("user", None)
+    return orjson.dumps(body)
 
 
 def _first_finish_reason(obj: object) -> str | None:
