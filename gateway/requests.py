@@ -14,13 +14,16 @@ import orjson
 
 from gateway.errors import BadRequestError
 
-__all__ = ["Endpoint", "ParsedRequest", "parse_request"]
+__all__ = ["MAX_DEPTH", "Endpoint", "ParsedRequest", "parse_request"]
 
 Endpoint = str  # "chat" | "completions" | "embeddings" | "responses"
 
 _INPUT_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input", "responses": "input"}
 _TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 _STREAMING = {"chat", "completions", "responses"}
+# orjson reads up to 1024 levels of nesting but writes at most 254, and the body is re-serialised for the
+# backend: a request between the two parsed fine, then failed with a 500 after it had been admitted.
+MAX_DEPTH = 200
 
 
 @dataclass(slots=True)
@@ -48,6 +51,11 @@ def parse_request(endpoint: Endpoint, raw: bytes, max_tokens_cap: int) -> Parsed
         ) from None
     if not isinstance(body, dict):
         raise BadRequestError("The request body must be a JSON object.")
+    # Counting brackets is a C loop over the bytes; only a body with many of them is walked.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _deeper_than(body, MAX_DEPTH):
+        raise BadRequestError(
+            f"The request body is nested too deeply: more than {MAX_DEPTH} levels of arrays and objects."
+        )
 
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -110,6 +118,17 @@ def parse_request(endpoint: Endpoint, raw: bytes, max_tokens_cap: int) -> Parsed
         max_tokens=max_tokens,
         client_salt=salt or None,
     )
+
+
+def _deeper_than(body: dict[str, Any], limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def _check_input(endpoint: Endpoint, body: dict[str, Any]) -> None:
