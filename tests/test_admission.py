@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,11 @@ import httpx
 import openai
 import pytest
 
+from gateway.admission import Admission
+from gateway.config import ModelConfig, Settings
+from gateway.limits import LocalQuotaStore
+from gateway.metrics import Metrics
+from gateway.tenancy import KeyRecord, Principal, Quotas, Tenant
 from tests.support.admin import tenant_with_key
 from tests.support.gateway import GatewayProc, start_gateway
 from tests.support.redis_server import RedisServer
@@ -406,3 +413,35 @@ def test_usage_per_tenant_and_key(gw: GatewayProc) -> None:
     assert past["requests"] == 0
     bad = httpx.get(gw.url + "/admin/tenants/metered/usage", params={"since": "yesterday"}, headers=admin)
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "since"
+
+
+async def test_refreshed_principals_of_one_key_are_not_kept_alive() -> None:
+    """The authenticator makes a new principal for a key every time its cache entry refreshes; the quota
+    scopes memo kept each one (about 6 KB) until 4,096 had piled up: the soak run's RSS crept up by
+    0.17 MB/min with two busy keys. Only the latest principal of a key may stay."""
+    admission = Admission(Settings(), LocalQuotaStore(), Metrics())
+    model = ModelConfig(name="m", backends=("sim",))
+    tenant = Tenant(id="t", limits=Quotas(rpm=10**9, tpm=10**12)).model_dump_json()
+    key = KeyRecord(
+        id="key_1", tenant_id="t", secret_hash="0" * 64, prefix="sk-gw-xxxx", created_at=0
+    ).model_dump_json()
+
+    async def one_refresh() -> None:
+        # What Authenticator._load builds from the store on every refresh.
+        principal = Principal(tenant=Tenant.model_validate_json(tenant), key=KeyRecord.model_validate_json(key))
+        admitted = await admission.admit(principal, model, 10, 10, 0.0)
+        await admission.finish(admitted, 10, 10, 0.0)
+
+    for _ in range(50):
+        await one_refresh()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(2000):
+            await one_refresh()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 1_000_000, grown  # was about 13 MB
