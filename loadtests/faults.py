@@ -1,7 +1,7 @@
 """Faults injected for real, with the billing record counted before and after each one (issue 9): for every
 request that reached a backend there must be exactly one usage event, whatever failed meanwhile.
 
-    .venv/bin/python -m loadtests.faults [--out docs/bench/faults.json]
+    .venv/bin/python -m loadtests.faults --doc docs/SECURITY.md --doc docs/BENCHMARKS.md
 
 One redis-server, one simulator and one gateway (Redis quotas; billing to a Redis Stream and a JSONL file)
 are started on loopback. Each fault runs as: a batch of ordinary requests, the fault with requests in
@@ -346,11 +346,47 @@ def faults(run: Run, n: int) -> list[dict[str, Any]]:
     return results
 
 
+MARK_START = "<!-- faults:start -->"
+MARK_END = "<!-- faults:end -->"
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The figures as a Markdown table: requests that reached a backend and events in each sink, before the
+    fault and after it (and the batch after it)."""
+    rows = [
+        "| fault | requests before (so far) | events before (stream / file) | requests after"
+        " | events after (stream / file) | duplicates |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    for f in results:
+        b, a = f["before"], f["after"]
+        dup = sum(phase[sink]["duplicates"] for phase in (b, a) for sink in ("redis", "jsonl"))
+        rows.append(
+            f"| {f['fault']}: {f['description']} | {b['requests']} | {b['redis']['events']} / {b['jsonl']['events']}"
+            f" | {a['requests']} | {a['redis']['events']} / {a['jsonl']['events']} | {dup} |"
+        )
+    return "\n".join(rows)
+
+
+def write_doc(doc: Path, results: list[dict[str, Any]]) -> None:
+    """Replace the table between the faults markers of `doc`."""
+    text = doc.read_text()
+    head, rest = text.split(MARK_START, 1)
+    _, tail = rest.split(MARK_END, 1)
+    doc.write_text(head + MARK_START + "\n" + table(results) + "\n" + MARK_END + tail)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=20, help="requests per batch")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "faults.json")
+    parser.add_argument("--doc", type=Path, action="append", default=[], help="a doc whose faults table to update")
+    parser.add_argument("--from-json", type=Path, default=None, help="only rewrite the tables from a saved run")
     args = parser.parse_args()
+    if args.from_json is not None:
+        for doc in args.doc:
+            write_doc(doc, json.loads(args.from_json.read_text())["faults"])
+        return
     workdir = Path(tempfile.mkdtemp(prefix="faults-"))
     (workdir / "redis").mkdir()
     sim = None
@@ -373,6 +409,8 @@ def main() -> None:
                 stop(proc)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"requests_per_batch": args.n, "faults": results}, indent=1) + "\n")
+    for doc in args.doc:
+        write_doc(doc, results)
     shutil.rmtree(workdir, ignore_errors=True)
 
 
