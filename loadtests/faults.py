@@ -37,8 +37,8 @@ import httpx
 import redis
 import yaml
 
-from loadtests.common import PY, ROOT, free_port, spawn, stop, wait_http
-from loadtests.soak import ADMIN_KEY
+from loadtests.common import PY, ROOT, free_port, stop, wait_http
+from loadtests.soak import ADMIN_KEY, spawn
 
 MSG = [{"role": "user", "content": "hello"}]
 STREAM = "billing"

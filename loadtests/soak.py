@@ -43,7 +43,7 @@ import aiohttp
 import httpx
 import yaml
 
-from loadtests.common import PY, ROOT, free_port, spawn, stop, wait_http
+from loadtests.common import PY, ROOT, free_port, stop, wait_http
 
 ADMIN_KEY = "sk-admin-soak-0123456789"
 KINDS = {"unary": 0.45, "stream": 0.25, "cancel": 0.15, "limited": 0.15}
@@ -60,6 +60,14 @@ class Tally:
     rejected_429: int = 0
     transport_errors: Counter[str] = field(default_factory=Counter)
     in_flight: int = 0
+
+
+def spawn(args: list[str], *, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a process with its output appended to `log` (the file is the child's; ours is closed at once)."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=str(ROOT)
+        )
 
 
 def proc_figures(pid: int) -> tuple[float, int]:
