@@ -73,6 +73,7 @@ LITERALS = [
     b'"\xff\xfe"',
     b'"\xc3\x28"',
     b'"\xed\xa0\x80"',
+    b'"\xc0\xaf"',
     b'"a\x00b"',
     b"[]",
     b"{}",
