@@ -22,6 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from typing_extensions import TypedDict
 
 from gateway.auth import Authenticator, authorization_header, bearer_token, secret_matches
 from gateway.config import Settings
@@ -60,8 +61,23 @@ class AdminContext:
 # What the OpenAPI document says of these fields is what the API accepts, so a client (or a fuzzer) built
 # from the document is never refused for input the document allows. In the PATCH bodies, a field that
 # cannot be null has no null in its type (absent means unchanged; the default is never validated).
-_LimitName = Literal["rpm", "tpm", "concurrency", "inflight_tokens", "budget", "queue"]
-_OnLimit = dict[_LimitName, Annotated[str, Field(pattern=r"^(reject|downgrade:.+)$")]]
+_Action = Annotated[str, Field(pattern=r"^(reject|downgrade:.+)$")]
+
+
+class _OnLimit(TypedDict, total=False):
+    """What a refusal of each limit does (tenancy.Tenant checks the same): reject, or serve a smaller
+    model; a full queue may also fall back to a later backend of the model."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+
+    rpm: _Action
+    tpm: _Action
+    concurrency: _Action
+    inflight_tokens: _Action
+    budget: _Action
+    queue: Annotated[str, Field(pattern=r"^(reject|fallback|downgrade:.+)$")]
+
+
 _Pattern = Annotated[str, Field(min_length=1, max_length=200)]
 # The default of a PATCH field that cannot be null: absent means unchanged; pydantic never validates a
 # default, while a `null` sent in the body is refused (422) like any other wrong type.
@@ -87,7 +103,7 @@ class TenantIn(BaseModel):
     cache_scope: _Scope = "tenant"
     allow_client_salt: bool = False
     user_field: _UserField = "passthrough"
-    on_limit: _OnLimit = Field(default_factory=dict)
+    on_limit: _OnLimit = Field(default_factory=lambda: _OnLimit())
 
 
 class TenantPatch(BaseModel):

@@ -284,3 +284,21 @@ def test_two_authorization_headers_are_refused(gw: GatewayProc) -> None:
     resp = httpx.get(gw.url + "/admin/tenants", headers=headers)
     assert resp.status_code == 400
     assert resp.json()["error"]["code"] == "duplicate_authorization"
+
+
+@pytest.mark.parametrize(
+    ("tenant", "on_limit", "status", "param"),
+    [
+        ("onlimit-1", {"queue": "fallback", "rpm": "downgrade:small"}, 201, None),
+        ("onlimit-2", {"rpm": "fallback"}, 422, "on_limit.rpm"),
+        ("onlimit-3", {"nope": "reject"}, 422, "on_limit.nope"),
+    ],
+)
+def test_on_limit_actions_per_limit(
+    gw: GatewayProc, tenant: str, on_limit: dict[str, str], status: int, param: str | None
+) -> None:
+    """The document states which action each limit takes: `fallback` only for a full queue."""
+    resp = httpx.post(gw.url + "/admin/tenants", json={"id": tenant, "on_limit": on_limit}, headers=admin(gw))
+    assert resp.status_code == status, resp.text
+    if param is not None:
+        assert resp.json()["error"]["param"] == param
