@@ -209,12 +209,13 @@ class GatewayApp:
         if self.reloader is not None and threading.current_thread() is threading.main_thread():
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
         # What start-up built (settings, the admin app's models, the store) lives as long as the process:
-        # moved out of the garbage collector's sight, and collections made rarer, the tail latency of
-        # requests no longer carries full collections over all of it (measured: p99 at 32 connections
-        # 36-39 ms -> 15 ms, CPU per request unchanged).
+        # moved out of the garbage collector's sight, full collections no longer walk it, and the tail
+        # latency of requests no longer carries them (measured: p99 at 32 connections 34-37 ms -> 9-13 ms,
+        # CPU per request unchanged). The thresholds stay Python's: raising them (20,000 / 50 / 1,000) bought
+        # 5% of throughput but let per-request reference cycles pile up in the old generation (RSS +0.37
+        # MB/min in the 10-minute soak).
         gc.collect()
         gc.freeze()
-        gc.set_threshold(20_000, 50, 1_000)
         self.ready = True
         log.info("gateway ready: %d backends, %d models", len(settings.backends), len(settings.models))
 
