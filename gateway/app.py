@@ -412,8 +412,11 @@ class GatewayApp:
                 raise NotFoundError(f"Unknown path: {method} {path[:200]}", code="not_found")
         except GatewayError as exc:
             await _send_error(send, exc, rid)
-        except ClientDisconnected:
-            pass  # nobody to answer
+            # The frames it passed through hold it (a local bound to it before `raise`): dropping its
+            # traceback frees them now rather than at the next garbage collection (a 429 is a common answer).
+            exc.__traceback__ = None
+        except ClientDisconnected as exc:
+            exc.__traceback__ = None  # nobody to answer; as above
         except Exception:
             log.exception("unhandled error on %s %s (request %s)", method, path[:200], request_id)
             await _send_error(send, GatewayError("The gateway failed to handle the request."), rid)

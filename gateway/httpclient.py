@@ -184,12 +184,16 @@ class Response:
 
     async def wait_end(self) -> None:
         """Wait until the body has arrived in full (push mode); raises what ended it otherwise."""
-        while True:
-            if self._exc is not None:
-                raise self._exc
-            if self._complete:
-                return
-            await self._wait()
+        try:
+            while True:
+                if self._exc is not None:
+                    raise self._exc
+                if self._complete:
+                    return
+                await self._wait()
+        finally:
+            # The sink is usually a closure over this response: dropping it leaves no cycle behind.
+            self._sink = None
 
     def _pause(self) -> None:
         conn = self._conn
@@ -440,6 +444,7 @@ class _Connection(asyncio.Protocol):
         self.lost = True
         self._cancel_timer()
         self._pool._forget(self)
+        self._parser = None  # type: ignore[assignment]  # it holds this connection: no cycle left behind
         resp = self._resp
         if resp is None:
             return

@@ -685,8 +685,9 @@ async def _watched_by_server(
     direct.on_gone(on_gone)
     try:
         await work
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as exc:
         if gone and me.uncancel() == 0:
+            exc.__traceback__ = None  # its frames would otherwise wait for the garbage collector
             return True, None  # our own cancellation, not the server's
         raise
     except Exception as exc:

@@ -380,6 +380,7 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._state.connections.discard(self)
+        self._parser = None  # type: ignore[assignment]  # it holds this protocol: no cycle left behind
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -389,6 +390,8 @@ class HttpProtocol(asyncio.Protocol):
                 callback, exchange.gone_callback = exchange.gone_callback, None
                 if callback is not None:
                     callback()
+        # The exchanges point back at this protocol; their tasks keep what they still need.
+        self._active = self._parsing = None
         self._queue.clear()
         drain = self._drain
         if drain is not None and not drain.done():
@@ -514,6 +517,14 @@ class HttpProtocol(asyncio.Protocol):
         task.add_done_callback(tasks.discard)
 
     async def _run(self, exchange: _Exchange) -> None:
+        try:
+            await self._call_app(exchange)
+        finally:
+            # The scope points at the exchange, which points at the scope: without this, every request
+            # would leave a reference cycle for the garbage collector.
+            exchange.scope.pop("gateway.exchange", None)
+
+    async def _call_app(self, exchange: _Exchange) -> None:
         try:
             await self.app(exchange.scope, exchange.receive, exchange.send)
         except BaseException as exc:
