@@ -31,8 +31,10 @@ _DONE = b"data: [DONE]"
 
 @dataclass
 class _Result:
-    delays_us: list[int]  # every chunk after each stream's first: the inter-chunk latency
-    first_us: list[int]  # each stream's first chunk (its time to first token, from the simulator's side)
+    # (sent at, ns; delay, us) of every chunk after each stream's first: the inter-chunk latency
+    delays_us: list[tuple[int, int]]
+    # the same for each stream's first chunk (its time to first token, from the simulator's side)
+    first_us: list[tuple[int, int]]
     complete: int
     failed: int
     errors: dict[str, int]
@@ -40,7 +42,12 @@ class _Result:
 
 class _Stream(asyncio.Protocol):
     def __init__(
-        self, request: bytes, tokens: int, delays: list[int], first: list[int], done: asyncio.Future[str]
+        self,
+        request: bytes,
+        tokens: int,
+        delays: list[tuple[int, int]],
+        first: list[tuple[int, int]],
+        done: asyncio.Future[str],
     ) -> None:
         self._request = request
         self._tokens = tokens
@@ -68,8 +75,8 @@ class _Stream(asyncio.Protocol):
         for match in _STAMP.finditer(buf):
             if match.end() == len(buf):
                 break  # the number may go on in the next read
-            delay = (now - int(match.group(1))) // 1000
-            (self._delays if self._chunks else self._first).append(delay)
+            sent = int(match.group(1))
+            (self._delays if self._chunks else self._first).append((sent, (now - sent) // 1000))
             self._chunks += 1
             end = match.end()
         # Keep a little of the end, after the last stamp counted: a stamp or [DONE] may be cut in two.
@@ -100,8 +107,8 @@ async def _streams(
         f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode() + body
     loop = asyncio.get_running_loop()
-    delays: list[int] = []
-    first: list[int] = []
+    delays: list[tuple[int, int]] = []
+    first: list[tuple[int, int]] = []
     # Every process starts at the same instant; its streams open spread evenly over `ramp_s`.
     await asyncio.sleep(max(0.0, start_at - time.time()))
 
@@ -165,8 +172,14 @@ def run(
     with ctx.Pool(processes) as pool:
         parts = pool.map(_worker, [(url, key, n, tokens, model, start_at, ramp_s, cpu) for n in share if n])
     elapsed = time.perf_counter() - started - 0.5
-    delays = sorted(d for part in parts for d in part.delays_us)
-    first = sorted(d for part in parts for d in part.first_us)
+    all_delays = [d for part in parts for d in part.delays_us]
+    first_chunks = [d for part in parts for d in part.first_us]
+    delays = sorted(d for _, d in all_delays)
+    first = sorted(d for _, d in first_chunks)
+    # Steady state: chunks sent once every stream had started (its first chunk sent), so the opening burst's
+    # admissions are over and all N streams run at once.
+    opened = max((sent for sent, _ in first_chunks), default=0)
+    steady = sorted(d for sent, d in all_delays if sent > opened)
     errors: dict[str, int] = {}
     for part in parts:
         for name, count in part.errors.items():
@@ -185,4 +198,7 @@ def run(
         "delay_max_ms": round((delays[-1] if delays else float("nan")) / 1000, 3),
         "first_p50_ms": round(percentile(first, 0.50) / 1000, 3),
         "first_p99_ms": round(percentile(first, 0.99) / 1000, 3),
+        "steady_chunks": len(steady),
+        "steady_p50_ms": round(percentile(steady, 0.50) / 1000, 3),
+        "steady_p99_ms": round(percentile(steady, 0.99) / 1000, 3),
     }

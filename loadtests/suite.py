@@ -220,6 +220,8 @@ def streams(tmp: Path, redis_url: str, counts: list[int], load_cpu: int | None, 
                     "added_p99_ms": round(through["delay_p99_ms"] - direct["delay_p99_ms"], 3),
                     "added_first_p50_ms": round(through["first_p50_ms"] - direct["first_p50_ms"], 3),
                     "added_first_p99_ms": round(through["first_p99_ms"] - direct["first_p99_ms"], 3),
+                    "added_steady_p50_ms": round(through["steady_p50_ms"] - direct["steady_p50_ms"], 3),
+                    "added_steady_p99_ms": round(through["steady_p99_ms"] - direct["steady_p99_ms"], 3),
                 }
                 print(
                     f"  {n} streams ({itl} ms apart): added p50 {row['added_p50_ms']} ms, p99 {row['added_p99_ms']} ms,"
@@ -328,6 +330,15 @@ def render(r: dict[str, Any]) -> str:
                 f"| {g['p50_ms']:.3f} / {g['p99_ms']:.3f} / {g['p999_ms']:.3f} | {add50:.3f} | {add99:.3f} | {spec} |"
             )
         lines.append("")
+    emb = r.get("latency_embedded_500")
+    if emb and "latency" in r:
+        d = next(row for row in r["latency"] if row["rate"] == 500)["nginx direct"]
+        lines += [
+            f"The same load at 500 req/s in embedded mode (no Redis: limits in-process, the rest unchanged): "
+            f"p50 {emb['p50_ms']:.3f} ms, p99 {emb['p99_ms']:.3f} ms (added {emb['p50_ms'] - d['p50_ms']:.3f} / "
+            f"{emb['p99_ms'] - d['p99_ms']:.3f} ms).",
+            "",
+        ]
     base = r.get("baseline")
     if base and "paced_500" in base and "latency" in r:
         b = base["paced_500"]
@@ -361,16 +372,20 @@ def render(r: dict[str, Any]) -> str:
             "send, over every chunk but a stream's first; the first chunk is counted apart):",
             "",
             "| streams | chunks apart | complete | inter-chunk direct p50 / p99 ms | through the gateway p50 / p99 ms "
-            "| added p50 | added p99 | first chunk added p50 / p99 ms | peak RSS | gateway CPU per chunk |",
-            "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+            "| added p50 | added p99 | added p50 / p99 once all are open | first chunk added p50 / p99 ms | peak RSS "
+            "| gateway CPU per chunk |",
+            "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
+        nan = float("nan")
         for n, row in r["streams"].items():
             d, g = row["direct"], row["gateway"]
             lines.append(
                 f"| {int(n):,} | {row.get('itl_ms', 50)} ms | {g['complete']:,} "
                 f"| {d['delay_p50_ms']:.3f} / {d['delay_p99_ms']:.3f} "
                 f"| {g['delay_p50_ms']:.3f} / {g['delay_p99_ms']:.3f} | {row['added_p50_ms']:.3f} "
-                f"| {row['added_p99_ms']:.3f} | {row['added_first_p50_ms']:.3f} / {row['added_first_p99_ms']:.3f} "
+                f"| {row['added_p99_ms']:.3f} "
+                f"| {row.get('added_steady_p50_ms', nan):.3f} / {row.get('added_steady_p99_ms', nan):.3f} "
+                f"| {row['added_first_p50_ms']:.3f} / {row['added_first_p99_ms']:.3f} "
                 f"| {g['peak_rss_mb']:.0f} MB | {g['cpu_us_per_chunk']} us |"
             )
         lines.append("")
@@ -484,6 +499,23 @@ def main() -> None:
                         "gateway x1": throughput(gw, seconds, load_cpu, budget),
                         "gateway x1 @4": throughput(gw, seconds, load_cpu, budget, conns=4),
                     }
+            if "latency" in parts:
+                # The same at 500 req/s without Redis (embedded mode, in-process limits): what the Redis round
+                # trip of the quota script costs in latency.
+                with gateway(tmp, upstream, None, server_cpu, name="gateway x1, embedded") as (emb, _proc, _r):
+                    harness.measure(emb, connections=8, seconds=2, load_cpu=load_cpu)  # warm-up
+                    pacing = Pacing.for_rate(500)
+                    results["latency_embedded_500"] = budget.quietest(
+                        functools.partial(
+                            harness.measure,
+                            emb,
+                            connections=pacing.connections,
+                            seconds=seconds,
+                            load_cpu=load_cpu,
+                            pacing=pacing,
+                        ),
+                        seconds,
+                    )
             if args.baseline is not None and parts & {"latency", "throughput"}:
                 commit = subprocess.run(
                     ["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
