@@ -330,34 +330,25 @@ def render(r: dict[str, Any]) -> str:
                 f"| {g['p50_ms']:.3f} / {g['p99_ms']:.3f} / {g['p999_ms']:.3f} | {add50:.3f} | {add99:.3f} | {spec} |"
             )
         lines.append("")
-    awake = r.get("latency_awake_500")
-    if awake and "latency" in r:
-        d = next(row for row in r["latency"] if row["rate"] == 500)["nginx direct"]
-        lines += [
-            f"The same load at 500 req/s with the gateway's core kept from idling (a nice-19 busy loop on it; see "
-            f"below): p50 {awake['p50_ms']:.3f} ms, p99 {awake['p99_ms']:.3f} ms (added "
-            f"{awake['p50_ms'] - d['p50_ms']:.3f} / {awake['p99_ms'] - d['p99_ms']:.3f} ms).",
-            "",
-        ]
-    emb = r.get("latency_embedded_500")
-    if emb and "latency" in r:
-        d = next(row for row in r["latency"] if row["rate"] == 500)["nginx direct"]
-        lines += [
-            f"The same load at 500 req/s in embedded mode (no Redis: limits in-process, the rest unchanged): "
-            f"p50 {emb['p50_ms']:.3f} ms, p99 {emb['p99_ms']:.3f} ms (added {emb['p50_ms'] - d['p50_ms']:.3f} / "
-            f"{emb['p99_ms'] - d['p99_ms']:.3f} ms).",
-            "",
-        ]
-    base = r.get("baseline")
-    if base and "paced_500" in base and "latency" in r:
-        b = base["paced_500"]
-        d = next(row for row in r["latency"] if row["rate"] == 500)["nginx direct"]
-        lines += [
-            f"The same load at 500 req/s on the baseline build ({base['commit']}, measured in this run): "
-            f"p50 {b['p50_ms']:.3f} ms, p99 {b['p99_ms']:.3f} ms (added {b['p50_ms'] - d['p50_ms']:.3f} / "
-            f"{b['p99_ms'] - d['p99_ms']:.3f} ms).",
-            "",
-        ]
+    if "latency" in r:
+        direct_500 = next(row for row in r["latency"] if row["rate"] == 500)["nginx direct"]
+        base = r.get("baseline") or {}
+        variants = (
+            (
+                "with the gateway's core kept from idling (a nice-19 busy loop on it; see below)",
+                r.get("latency_awake_500"),
+            ),
+            ("in embedded mode (no Redis: limits in-process, the rest unchanged)", r.get("latency_embedded_500")),
+            (f"on the baseline build ({base.get('commit')}, measured in this run)", base.get("paced_500")),
+        )
+        for how, run in variants:
+            if run:
+                add50, add99 = run["p50_ms"] - direct_500["p50_ms"], run["p99_ms"] - direct_500["p99_ms"]
+                lines += [
+                    f"The same load at 500 req/s {how}: p50 {run['p50_ms']:.3f} ms, p99 {run['p99_ms']:.3f} ms "
+                    f"(added {add50:.3f} / {add99:.3f} ms).",
+                    "",
+                ]
     if "throughput" in r:
         t = r["throughput"]
         lines += [

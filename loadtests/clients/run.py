@@ -62,6 +62,9 @@ from typing import Any
 from apps import PATH, VARIANTS
 from client_bench import POOL_FUNCTIONS
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: the repo for loadtests.harness
+from loadtests.harness import core_busy_seconds, cpu_seconds, free_port, pinned, process_tree
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 RESULTS = HERE / "results.json"
@@ -174,19 +177,6 @@ class Settings:
 # --------------------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def pinned(cmd: list[str], cpu: int | None) -> list[str]:
-    """Prefix a command with ``taskset -c cpu`` (taskset execs, so the pid stays the command's)."""
-    if cpu is None:
-        return cmd
-    return ["taskset", "-c", str(cpu), *cmd]
-
-
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -207,46 +197,6 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (nginx master -> worker)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            parents.setdefault(int(fields[1]), []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        todo.extend(parents.get(current, []))
-    return tree
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of the given processes, from /proc/<pid>/stat."""
-    ticks = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat(5))
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def core_busy_seconds(cpu: int | None) -> float:
-    """Time one CPU spent running processes (any process, plus hypervisor steal), from /proc/stat; 0 when not
-    pinned. Interrupt time is left out: part of it is the benchmark's own loopback traffic."""
-    if cpu is None:
-        return 0.0
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith(f"cpu{cpu} "):
-            user, nice, system, _idle, _iowait, _irq, _softirq, steal = (int(x) for x in line.split()[1:9])
-            return (user + nice + system + steal) / os.sysconf("SC_CLK_TCK")
-    return 0.0
 
 
 @contextlib.contextmanager

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import re
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -31,51 +29,20 @@ import threading
 import time
 from pathlib import Path
 
+from loadtests import harness
 from loadtests.common import PY, free_port, spawn, stop, wait_http, wrk_post
 from loadtests.litellm_proxy import ensure_venv, litellm_version, start_litellm
 
 KEY = "sk-bench-" + "L" * 40
 BODY = '{"model":"bench-model","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
-UPSTREAM_BODY = (
-    '{"id":"chatcmpl-bench0001","object":"chat.completion","created":1700000000,"model":"bench-up",'
-    '"choices":[{"index":0,"message":{"role":"assistant","content":"Hello! A fixed reply from the bench upstream."},'
-    '"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":13,"total_tokens":25}}'
-)
-NGINX_CONF = """\
-daemon off;
-master_process on;
-worker_processes 1;
-error_log {tmp}/error.log warn;
-pid {tmp}/nginx.pid;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/client_body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    keepalive_timeout 75s;
-    keepalive_requests 10000000;
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{
-            default_type application/json;
-            return 200 '{body}';
-        }}
-    }}
-}}
-"""
 
 
 def rss_mb(pid: int) -> float:
-    text = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024  # type: ignore[union-attr]
+    return harness.rss_mb([pid])
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks (100 Hz on Linux)
+    return harness.cpu_seconds([pid])
 
 
 def remote_peers(pid: int) -> set[str]:
@@ -101,13 +68,8 @@ def started(
 
 
 def nonstreaming(tmp: Path, seconds: int, connections: int) -> None:
-    nginx_port, proxy_port = free_port(), free_port()
-    (tmp / "nginx").mkdir()
-    conf = tmp / "nginx" / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp / "nginx", port=nginx_port, body=UPSTREAM_BODY))
-    nginx = spawn([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf)], cpu=1, log=tmp / "nginx.log")
-    try:
-        wait_http(f"http://127.0.0.1:{nginx_port}/v1/models")
+    proxy_port = free_port()
+    with harness.nginx(1) as (nginx_port, _nginx):
         proxy, startup = started(f"http://127.0.0.1:{nginx_port}", proxy_port, tmp, "nonstream")
         try:
             rss_start = rss_mb(proxy.pid)
@@ -146,8 +108,6 @@ def nonstreaming(tmp: Path, seconds: int, connections: int) -> None:
                 raise SystemExit(f"the proxy connected beyond loopback: {sorted(bad)}")
         finally:
             stop(proxy)
-    finally:
-        stop(nginx)
 
 
 def one_stream(port: int, result: dict[str, object]) -> None:
