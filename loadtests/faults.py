@@ -117,16 +117,20 @@ class Run:
                 self.note(resp.headers.get("x-request-id"), resp.status_code)
         return statuses
 
+    def _stream(self, tokens: int) -> Any:
+        """A streamed chat completion (a context manager over the response)."""
+        return httpx.stream(
+            "POST",
+            self.url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {self.key}"},
+            json={"model": "m", "messages": MSG, "max_tokens": tokens, "stream": True},
+            timeout=30,
+        )
+
     def streams(self, n: int, *, tokens: int = 5, leave_after: int | None = None) -> int:
         done = 0
         for _ in range(n):
-            with httpx.stream(
-                "POST",
-                self.url + "/v1/chat/completions",
-                headers={"Authorization": f"Bearer {self.key}"},
-                json={"model": "m", "messages": MSG, "max_tokens": tokens, "stream": True},
-                timeout=30,
-            ) as resp:
+            with self._stream(tokens) as resp:
                 self.note(resp.headers.get("x-request-id"), resp.status_code)
                 for i, _ in enumerate(resp.iter_lines()):
                     if leave_after is not None and i >= leave_after:
@@ -141,13 +145,7 @@ class Run:
 
         def one() -> None:
             try:
-                with httpx.stream(
-                    "POST",
-                    self.url + "/v1/chat/completions",
-                    headers={"Authorization": f"Bearer {self.key}"},
-                    json={"model": "m", "messages": MSG, "max_tokens": tokens, "stream": True},
-                    timeout=30,
-                ) as resp:
+                with self._stream(tokens) as resp:
                     rid = resp.headers.get("x-request-id")
                     if rid:
                         ids.append(rid)

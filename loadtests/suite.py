@@ -135,23 +135,23 @@ def gateway(
 # --- the parts ------------------------------------------------------------------------------------
 
 
+def paced(target: Target, rate: float, seconds: float, load_cpu: int | None, budget: RetryBudget) -> Any:
+    """One paced run at about `rate` req/s, re-run once if other load disturbed it."""
+    pacing = Pacing.for_rate(rate)
+    return budget.quietest(
+        functools.partial(
+            harness.measure, target, connections=pacing.connections, seconds=seconds, load_cpu=load_cpu, pacing=pacing
+        ),
+        seconds,
+    )
+
+
 def latency(direct: Target, targets: list[Target], seconds: float, load_cpu: int | None, budget: RetryBudget) -> Any:
     rows = []
     for rate in RATES:
-        pacing = Pacing.for_rate(rate)
-        row: dict[str, Any] = {"rate": rate, "connections": pacing.connections}
+        row: dict[str, Any] = {"rate": rate, "connections": Pacing.for_rate(rate).connections}
         for target in (direct, *targets):
-            row[target.name] = budget.quietest(
-                functools.partial(
-                    harness.measure,
-                    target,
-                    connections=pacing.connections,
-                    seconds=seconds,
-                    load_cpu=load_cpu,
-                    pacing=pacing,
-                ),
-                seconds,
-            )
+            row[target.name] = paced(target, rate, seconds, load_cpu, budget)
         rows.append(row)
         print(f"  {rate} req/s: " + ", ".join(f"{t.name} p50 {row[t.name]['p50_ms']} ms" for t in (direct, *targets)))
     return rows
@@ -518,18 +518,7 @@ def main() -> None:
                 # trip of the quota script costs in latency.
                 with gateway(tmp, upstream, None, server_cpu, name="gateway x1, embedded") as (emb, _proc, _r):
                     harness.measure(emb, connections=8, seconds=2, load_cpu=load_cpu)  # warm-up
-                    pacing = Pacing.for_rate(500)
-                    results["latency_embedded_500"] = budget.quietest(
-                        functools.partial(
-                            harness.measure,
-                            emb,
-                            connections=pacing.connections,
-                            seconds=seconds,
-                            load_cpu=load_cpu,
-                            pacing=pacing,
-                        ),
-                        seconds,
-                    )
+                    results["latency_embedded_500"] = paced(emb, 500, seconds, load_cpu, budget)
             if args.baseline is not None and parts & {"latency", "throughput"}:
                 commit = subprocess.run(
                     ["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
@@ -543,18 +532,7 @@ def main() -> None:
                 ):
                     print(f"{label} ...", flush=True)
                     harness.measure(base, connections=8, seconds=2, load_cpu=load_cpu)  # warm-up
-                    pacing = Pacing.for_rate(500)
-                    results["baseline"]["paced_500"] = budget.quietest(
-                        functools.partial(
-                            harness.measure,
-                            base,
-                            connections=pacing.connections,
-                            seconds=seconds,
-                            load_cpu=load_cpu,
-                            pacing=pacing,
-                        ),
-                        seconds,
-                    )
+                    results["baseline"]["paced_500"] = paced(base, 500, seconds, load_cpu, budget)
                     results.setdefault("throughput", {})[label] = throughput(base, seconds, load_cpu, budget)
             if "throughput" in parts:
                 # Two workers need both cores, which wrk and nginx share with them: req/s here is what this
