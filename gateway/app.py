@@ -1,6 +1,6 @@
 """The application: `create_app(settings)` builds the ASGI callable; its lifespan owns every client.
 
-Routing is a dict lookup on the path. The inference endpoints run on plain ASGI (see `gateway.proxy`);
+Routing is a dict lookup on the path. The inference endpoints run on plain ASGI (see `gateway.pipeline`);
 the admin API and its OpenAPI document are a FastAPI app mounted under `/admin`, where the framework's
 validation and schema are worth their cost. Every response, from either side, carries `x-request-id`.
 """
@@ -26,30 +26,30 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway import httpclient
-from gateway.admin import AdminContext, create_admin_app
+from gateway.admin.api import AdminContext, create_admin_app
+from gateway.admin.console import PREFIX as CONSOLE_PREFIX
+from gateway.admin.console import Console
+from gateway.admin.stats import LiveStats
 from gateway.admission import Admission
+from gateway.admission.limits import FailoverQuotaStore, LocalQuotaStore, PipelinedRedis, QuotaStore, RedisQuotaStore
+from gateway.admission.tokens import counter_for
 from gateway.asgi import ClientDisconnected, Message, Receive, Scope, Send, header, send_response
 from gateway.auth import Authenticator, authorization_header, bearer_token, secret_matches
-from gateway.backends import BackendPool
 from gateway.billing import Billing
+from gateway.billing.ledger import UsageLedger
 from gateway.config import BackendConfig, ConfigError, Price, Settings
-from gateway.console import PREFIX as CONSOLE_PREFIX
-from gateway.console import Console
 from gateway.errors import AuthenticationError, GatewayError, NotFoundError
-from gateway.limits import FailoverQuotaStore, LocalQuotaStore, PipelinedRedis, QuotaStore, RedisQuotaStore
-from gateway.metrics import Metrics
-from gateway.propagation import ChangeListener
-from gateway.providers import LitellmPool, bundled_prices, import_litellm
-from gateway.proxy import InferenceHandler
-from gateway.salt import SaltDeriver
-from gateway.state import load_salt_secret, reconcile_config
-from gateway.stats import LiveStats
-from gateway.store import RedisStore, SqliteStore, Store
-from gateway.tokens import counter_for
-from gateway.tracing import Tracing
+from gateway.pipeline import InferenceHandler
+from gateway.telemetry.metrics import Metrics
+from gateway.telemetry.tracing import Tracing
+from gateway.tenancy.propagation import ChangeListener
+from gateway.tenancy.state import load_salt_secret, reconcile_config
+from gateway.tenancy.store import RedisStore, SqliteStore, Store
 from gateway.upstream import UpstreamPool
-from gateway.usage import UsageLedger
+from gateway.upstream.backends import BackendPool
+from gateway.upstream.providers import LitellmPool, bundled_prices, import_litellm
+from gateway.upstream.salt import SaltDeriver
+from gateway.wire import httpclient
 
 __all__ = ["GatewayApp", "create_app"]
 
@@ -95,7 +95,7 @@ class GatewayApp:
         self.reloader: Callable[[], Settings] | None = None
         self._reloads: set[asyncio.Task[bool]] = set()
         self._pools: dict[str, tuple[BackendConfig, UpstreamPool]] = {}
-        # litellm, imported at start-up only if a `kind: litellm` backend is configured (gateway.providers).
+        # litellm, imported at start-up only if a `kind: litellm` backend is configured (gateway.upstream.providers).
         self._litellm: ModuleType | None = None
         self.console = Console()
 

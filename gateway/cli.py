@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sim-port", type=int, default=8000)
     demo.add_argument("--state-dir", default=".gateway/demo")
     demo.set_defaults(func=_demo)
-    from gateway import admin_cli
+    from gateway.admin import cli as admin_cli
 
     admin_cli.add_commands(sub)
     return parser

@@ -18,8 +18,8 @@ from pathlib import Path
 import uvicorn
 
 from gateway.app import create_app
+from gateway.auth.keys import generate_key
 from gateway.config import load_settings
-from gateway.keys import generate_key
 from gateway.serve import configure_logging, uvicorn_config
 
 __all__ = ["run_demo"]

@@ -23,7 +23,7 @@ from uvicorn.supervisors import Multiprocess
 
 from gateway.app import GatewayApp, create_app
 from gateway.config import Settings, load_settings
-from gateway.server import HttpLimits, HttpProtocol
+from gateway.wire.httpserver import HttpLimits, HttpProtocol
 
 __all__ = ["GracefulServer", "configure_logging", "run", "worker_app"]
 

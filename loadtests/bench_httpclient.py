@@ -1,4 +1,4 @@
-"""gateway.httpclient against aiohttp: CPU per request and req/s of the client alone, no server in front.
+"""gateway.wire.httpclient against aiohttp: CPU per request and req/s of the client alone, no server in front.
 
     .venv/bin/python loadtests/bench_httpclient.py                  # everything, 3 s per run, 3 repeats
     .venv/bin/python loadtests/bench_httpclient.py --seconds 1 --repeat 1 --target nginx
@@ -155,7 +155,7 @@ async def _drive(client: str, url: str, target: str, concurrency: int, seconds: 
     stream = target == "sim-stream"
 
     if client == "httpclient":
-        from gateway.httpclient import Pool
+        from gateway.wire.httpclient import Pool
 
         pool = Pool(url, connect_timeout_s=5, read_timeout_s=300)
 

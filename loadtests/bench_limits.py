@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
-from gateway.limits import LocalQuotaStore, QuotaLimits, QuotaStore, RedisQuotaStore, Scope, fast_fail_client
+from gateway.admission.limits import LocalQuotaStore, QuotaLimits, QuotaStore, RedisQuotaStore, Scope, fast_fail_client
 
 LIMITS = QuotaLimits(
     rpm=10**9, tpm=10**12, max_concurrency=10**6, max_inflight_tokens=10**12, budget_amount=1e12, budget_period="month"

@@ -4,7 +4,7 @@
     .venv/bin/python loadtests/bench_tokens.py --repeat 5
 
 For chat bodies of about 100 B, 4 KB and 100 KB of message text (English prose, Python source, Japanese),
-it times `gateway.tokens.prompt_tokens` (text extraction included) with each counter, CPU time per call,
+it times `gateway.admission.tokens.prompt_tokens` (text extraction included) with each counter, CPU time per call,
 best of `--repeat` runs, and compares the estimate with an exact cl100k_base count. It also reports the
 one-off cost of loading cl100k_base and of importing litellm (each in a fresh interpreter). Figures go
 to docs/BENCHMARKS.md by hand; nothing here asserts on time.
@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gateway.providers import offline_environment
-from gateway.tokens import ByteCounter, TiktokenCounter, TokenCounter, load_cl100k, prompt_tokens
+from gateway.admission.tokens import ByteCounter, TiktokenCounter, TokenCounter, load_cl100k, prompt_tokens
+from gateway.upstream.providers import offline_environment
 
 SIZES = {"100 B": 100, "4 KB": 4096, "100 KB": 100_000}
 PROSE = (
@@ -83,8 +83,8 @@ before, t = rss_mb(), time.perf_counter()
 {action}
 print(json.dumps({{"ms": (time.perf_counter() - t) * 1000, "rss_mb": rss_mb() - before}}))
 """
-LOAD_CL100K = _MEASURE.format(action="from gateway.tokens import load_cl100k; load_cl100k()")
-IMPORT_LITELLM = _MEASURE.format(action="from gateway.providers import import_litellm; import_litellm()")
+LOAD_CL100K = _MEASURE.format(action="from gateway.admission.tokens import load_cl100k; load_cl100k()")
+IMPORT_LITELLM = _MEASURE.format(action="from gateway.upstream.providers import import_litellm; import_litellm()")
 
 
 def main() -> None:

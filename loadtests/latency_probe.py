@@ -33,7 +33,7 @@ from typing import Any
 
 import redis
 
-from gateway.limits._redis import _Script
+from gateway.admission.limits._redis import _Script
 from loadtests import harness, suite
 from loadtests.harness import Pacing, Target
 

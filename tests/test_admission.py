@@ -18,9 +18,9 @@ import openai
 import pytest
 
 from gateway.admission import Admission
+from gateway.admission.limits import LocalQuotaStore
 from gateway.config import ModelConfig, Settings
-from gateway.limits import LocalQuotaStore
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 from gateway.tenancy import KeyRecord, Principal, Quotas, Tenant
 from tests.support.admin import tenant_with_key
 from tests.support.gateway import GatewayProc, start_gateway

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from gateway.auth import Authenticator
+from gateway.auth.keys import generate_key, hash_key, looks_like_key
 from gateway.errors import AuthenticationError
-from gateway.keys import generate_key, hash_key, looks_like_key
-from gateway.store import SqliteStore
 from gateway.tenancy import KeyRecord, Tenant
+from gateway.tenancy.store import SqliteStore
 
 
 def test_key_shape() -> None:

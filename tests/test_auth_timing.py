@@ -20,10 +20,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from gateway.auth import Authenticator, secret_matches
+from gateway.auth.keys import generate_key, hash_key
 from gateway.errors import AuthenticationError
-from gateway.keys import generate_key, hash_key
-from gateway.store import SqliteStore
 from gateway.tenancy import KeyRecord, Tenant
+from gateway.tenancy.store import SqliteStore
 
 SAMPLES = 3000
 # Median ratio near-miss / far-miss; a leak of the kind a prefix attack needs moves it far beyond this.

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from gateway.backends import EJECT_AFTER, EJECT_MAX_S, EJECT_S, BackendPool
 from gateway.config import Settings
 from gateway.errors import ServiceUnavailableError
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
+from gateway.upstream.backends import EJECT_AFTER, EJECT_MAX_S, EJECT_S, BackendPool
 
 
 class Clock:

@@ -27,7 +27,7 @@ from aiohttp import web
 
 from gateway.billing import Billing, Spool
 from gateway.config import Settings
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 from tests.support.admin import tenant_with_key
 from tests.support.gateway import GatewayProc, start_gateway
 from tests.support.procs import free_port

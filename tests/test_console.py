@@ -23,7 +23,7 @@ from tests.support.sim import SimHandle, start_sim
 
 ROOT = Path(__file__).resolve().parents[1]
 BROWSER_DIR = Path(__file__).parent / "browser"
-STATIC = ROOT / "gateway" / "console" / "static"
+STATIC = ROOT / "gateway" / "admin" / "console" / "static"
 ARTIFACTS = ROOT / ".artifacts" / "console"
 CHROMIUM = "/usr/bin/chromium"
 
@@ -156,7 +156,7 @@ def test_package_ships_the_console_and_the_vendored_library_unchanged(node_modul
     )
     assert all(p.rsplit(".", 1)[-1] in {"html", "js", "css", "svg", "txt"} for p in shipped), shipped
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert '"console/static/**/*"' in pyproject
+    assert '"admin/console/static/**/*"' in pyproject
     # The vendored files are byte for byte the ones of the npm package the lock file pins.
     lock = json.loads((BROWSER_DIR / "package-lock.json").read_text())
     version = lock["packages"]["node_modules/uplot"]["version"]

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 from gateway.errors import BadRequestError
-from gateway.proxy import rewrite
+from gateway.pipeline import rewrite
 from gateway.requests import MAX_DEPTH, ParsedRequest, parse_request
-from gateway.salt import SaltDeriver
 from gateway.tenancy import KeyRecord, Principal, Tenant
+from gateway.upstream.salt import SaltDeriver
 from tests.support.fuzz import ENDPOINTS, OWNED, VALID, bodies, dumps, hostile_texts, json_values
 
 SALTS = SaltDeriver(b"fuzz-secret")

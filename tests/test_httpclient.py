@@ -1,4 +1,4 @@
-"""gateway.httpclient against real servers on loopback: raw asyncio servers scripted byte by byte (for the
+"""gateway.wire.httpclient against real servers on loopback: raw asyncio servers scripted byte by byte (for the
 faults a real server only makes by accident), aiohttp.web, and the simulator as a real process.
 
 The raw servers run in the test's own event loop; that changes nothing for the client, which only sees a
@@ -29,7 +29,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from gateway.httpclient import HIGH_WATER, ConnectError, Pool, ProtocolError, ReadTimeout
+from gateway.wire.httpclient import HIGH_WATER, ConnectError, Pool, ProtocolError, ReadTimeout
 from tests.support.procs import free_port
 from tests.support.sim import SimHandle, start_sim
 

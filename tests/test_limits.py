@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from gateway.limits import (
+from gateway.admission.limits import (
     Decision,
     FailoverQuotaStore,
     FailureMode,

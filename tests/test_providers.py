@@ -22,7 +22,7 @@ import openai
 import orjson
 import pytest
 
-from gateway.providers import litellm_dir
+from gateway.upstream.providers import litellm_dir
 from tests.support.admin import tenant_with_key
 from tests.support.gateway import GatewayProc, start_gateway
 from tests.support.procs import ROOT, free_port
@@ -451,7 +451,7 @@ def test_a_vllm_only_gateway_never_imports_litellm(sim: SimHandle, tmp_path: Pat
 
 
 def test_price_map_and_tokenizer_come_from_the_package() -> None:
-    from gateway.providers import bundled_prices, cl100k_file, offline_environment
+    from gateway.upstream.providers import bundled_prices, cl100k_file, offline_environment
 
     env = offline_environment()
     assert env["LITELLM_LOCAL_MODEL_COST_MAP"] == "True" and env["LITELLM_MODE"] == "PRODUCTION"

@@ -14,7 +14,7 @@ import pytest
 from redis import exceptions as rx
 from redis.asyncio import Redis
 
-from gateway.limits import PipelinedRedis
+from gateway.admission.limits import PipelinedRedis
 from tests.support.redis_server import RedisServer
 
 

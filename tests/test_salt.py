@@ -6,7 +6,7 @@ import base64
 import hashlib
 import hmac
 
-from gateway.salt import SaltDeriver
+from gateway.upstream.salt import SaltDeriver
 
 
 def reference(secret: bytes, scope: str) -> str:

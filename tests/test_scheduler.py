@@ -1,4 +1,4 @@
-"""The fair queue (gateway.scheduler): VTC fairness, priority bands, back-pressure, cancellation.
+"""The fair queue (gateway.admission.fairqueue): VTC fairness, priority bands, back-pressure, cancellation.
 
 Every test drives the scheduler with a fake clock and asyncio tasks; completions are the test calling
 release(), so runs are exact and nothing sleeps on wall time.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from gateway.scheduler import Job, QueueFull, QueueTimeout, Scheduler, Ticket
+from gateway.admission.fairqueue import Job, QueueFull, QueueTimeout, Scheduler, Ticket
 
 
 class FakeClock:

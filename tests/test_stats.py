@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.metrics import Metrics
-from gateway.stats import merge, read_snapshot
+from gateway.admin.stats import merge, read_snapshot
+from gateway.telemetry.metrics import Metrics
 from tests.support.admin import create_key, create_tenant, tenant_with_key
 from tests.support.gateway import GatewayProc, start_gateway
 from tests.support.redis_server import RedisServer

@@ -10,8 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.errors import ConflictError
-from gateway.store import RedisStore, SqliteStore, Store
 from gateway.tenancy import AuditEntry, KeyRecord, Quotas, Tenant, UsageRow
+from gateway.tenancy.store import RedisStore, SqliteStore, Store
 from tests.support.redis_server import RedisServer
 
 

@@ -7,9 +7,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import Settings
-from gateway.providers import cl100k_file
-from gateway.tokens import (
+from gateway.admission.tokens import (
     EXACT_MAX_CHARS,
     ByteCounter,
     TiktokenCounter,
@@ -18,6 +16,8 @@ from gateway.tokens import (
     prompt_text,
     prompt_tokens,
 )
+from gateway.config import Settings
+from gateway.upstream.providers import cl100k_file
 
 PROSE = (
     "The gateway sits in front of the model servers and gives each tenant its own credentials, its fair "

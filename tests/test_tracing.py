@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from gateway.app import create_app
 from gateway.config import load_settings
-from gateway.tracing import Tracing
+from gateway.telemetry.tracing import Tracing
 from tests.support.admin import tenant_with_key
 from tests.support.procs import free_port
 from tests.support.sim import SimHandle, start_sim

@@ -27,7 +27,7 @@ from gateway.billing._lane import Lane
 from gateway.billing._sinks import open_sink
 from gateway.billing._spool import Spool
 from gateway.config import Price, Settings
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 
 __all__ = ["Backlog", "Billing"]
 

@@ -28,7 +28,7 @@ from gateway.billing._event import Record
 from gateway.billing._sinks import Sink, SinkError
 from gateway.billing._spool import Spool
 from gateway.config import SinkConfig
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 
 __all__ = ["Lane"]
 

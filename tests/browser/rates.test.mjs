@@ -1,10 +1,10 @@
-// The console's arithmetic on /admin/stats snapshots (gateway/console/static/js/rates.js), under Node's
+// The console's arithmetic on /admin/stats snapshots (gateway/admin/console/static/js/rates.js), under Node's
 // test runner: rates, entitlement, quantiles, Jain's index, and counter resets.
 
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { interval, intervals, jain, quantile, tenantPoint } from "../../gateway/console/static/js/rates.js";
+import { interval, intervals, jain, quantile, tenantPoint } from "../../gateway/admin/console/static/js/rates.js";
 
 const BOUNDS = [0.01, 0.1, 1];
 const close = (actual, expected) => assert.ok(Math.abs(actual - expected) < 1e-12, `${actual} != ${expected}`);

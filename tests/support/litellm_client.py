@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from gateway.providers import import_litellm
+from gateway.upstream.providers import import_litellm
 
 
 def main() -> None:

@@ -1,0 +1,33 @@
+"""Everything on the backend side of the request path.
+
+backends.py     backend health, the cache_salt probe, the circuit breaker, which backends may serve
+relay.py        backends' answers and errors translated, the SSE relay, the pool protocol
+salt.py         per-scope cache salts
+providers/      hosted providers through litellm behind the same pool protocol
+"""
+
+from gateway.upstream.relay import (
+    UPSTREAM_FAILED,
+    DirectWriter,
+    Relay,
+    StreamOutcome,
+    UpstreamPool,
+    UpstreamResponse,
+    Usage,
+    backend_headers,
+    error_from_backend,
+    usage_from,
+)
+
+__all__ = [
+    "UPSTREAM_FAILED",
+    "DirectWriter",
+    "Relay",
+    "StreamOutcome",
+    "UpstreamPool",
+    "UpstreamResponse",
+    "Usage",
+    "backend_headers",
+    "error_from_backend",
+    "usage_from",
+]
