@@ -37,19 +37,17 @@ from gateway.asgi import ClientDisconnected, Message, Receive, Scope, Send, head
 from gateway.auth import Authenticator, authorization_header, bearer_token, secret_matches
 from gateway.billing import Billing
 from gateway.billing.ledger import UsageLedger
-from gateway.config import BackendConfig, ConfigError, Price, Settings
+from gateway.config import ConfigError, Price, Settings
 from gateway.errors import AuthenticationError, GatewayError, NotFoundError
-from gateway.pipeline import InferenceHandler
 from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.tracing import Tracing
 from gateway.tenancy.propagation import ChangeListener
 from gateway.tenancy.state import load_salt_secret, reconcile_config
 from gateway.tenancy.store import RedisStore, SqliteStore, Store
 from gateway.upstream import UpstreamPool
-from gateway.upstream.backends import BackendPool
-from gateway.upstream.providers import LitellmPool, bundled_prices, import_litellm
+from gateway.upstream.providers import bundled_prices, import_litellm
 from gateway.upstream.salt import SaltDeriver
-from gateway.wire import httpclient
+from gateway.wiring import Services, Wired, wire
 
 __all__ = ["GatewayApp", "create_app"]
 
@@ -71,13 +69,9 @@ class _Running:
 
     store: Store
     session: aiohttp.ClientSession
-    handler: InferenceHandler
-    authenticator: Authenticator
+    services: Services
+    wired: Wired
     admin: object
-    billing: Billing
-    salts: SaltDeriver
-    admission: Admission
-    ledger: UsageLedger
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -87,14 +81,12 @@ class GatewayApp:
         self.settings = settings
         self.tracing = tracing
         self.metrics = Metrics(multiprocess_dir=metrics_dir)
-        self.backends = BackendPool(settings, self.metrics)
         self.ready = False
         self.draining = False
         self._running: _Running | None = None
         # Where SIGHUP re-reads the settings from (set by `gateway serve`; None: no hot reload).
         self.reloader: Callable[[], Settings] | None = None
         self._reloads: set[asyncio.Task[bool]] = set()
-        self._pools: dict[str, tuple[BackendConfig, UpstreamPool]] = {}
         # litellm, imported at start-up only if a `kind: litellm` backend is configured (gateway.upstream.providers).
         self._litellm: ModuleType | None = None
         self.console = Console()
@@ -162,25 +154,26 @@ class GatewayApp:
         await billing.start()
         ledger = UsageLedger(store)
         ledger.start()
-        salts = SaltDeriver(salt_secret)
         if self.tracing is None:
             self.tracing = Tracing.from_environment()
         quotas, quota_client = self._quota_store(settings)
-        admission = Admission(settings, quotas, self.metrics, settings.workers, counter_for(settings))
-        self._pools = self._make_pools(settings, {})
-        handler = InferenceHandler(
-            settings,
-            authenticator,
-            self.backends,
-            {name: pool for name, (_, pool) in self._pools.items()},
-            salts,
-            self.metrics,
-            _backend_keys(settings),
-            billing,
-            admission,
-            self.tracing,
-            ledger,
+        admission = Admission(
+            settings=settings,
+            quotas=quotas,
+            metrics=self.metrics,
+            worst_cost=lambda model, prompt, output: billing.cost(model, prompt, output)[0],
+            tokens=counter_for(settings),
         )
+        services = Services(
+            authenticator=authenticator,
+            admission=admission,
+            billing=billing,
+            ledger=ledger,
+            salts=SaltDeriver(salt_secret),
+            metrics=self.metrics,
+            tracing=self.tracing,
+        )
+        wired = await wire(settings, services, check=lambda b: b.check_all(session), litellm=self._litellm)
         # Alone (embedded, one worker) this process's counters are the whole picture; otherwise each
         # process publishes its own for the others to sum.
         live = LiveStats(
@@ -191,12 +184,11 @@ class GatewayApp:
         )
         live.start()
         admin = create_admin_app(AdminContext(settings, store, authenticator, self.metrics, ledger, live))
-        self._running = _Running(store, session, handler, authenticator, admin, billing, salts, admission, ledger)
+        self._running = _Running(store, session, services, wired, admin)
         self._running.closers.append(live.close)
         self._running.closers.append(quotas.close)
         if quota_client is not None:
             self._running.closers.append(quota_client.aclose)
-        await self.backends.check_all(session)
         self._running.tasks.append(asyncio.create_task(self._health_loop(session)))
         if redis_client is not None:
             # Pub/sub needs a connection without the per-command timeout: it waits for messages.
@@ -223,38 +215,6 @@ class GatewayApp:
         """Import litellm (offline), once, if and only if a backend needs it."""
         if self._litellm is None and any(b.kind == "litellm" for b in settings.backends):
             self._litellm = import_litellm()
-
-    def _make_pools(
-        self, settings: Settings, previous: dict[str, tuple[BackendConfig, UpstreamPool]]
-    ) -> dict[str, tuple[BackendConfig, UpstreamPool]]:
-        """One keep-alive pool per backend (with its config); a reload keeps the pools whose backend did not
-        change. A `kind: litellm` backend gets litellm behind the same interface."""
-        pools: dict[str, tuple[BackendConfig, UpstreamPool]] = {}
-        limits = settings.limits
-        for backend in settings.backends:
-            old = previous.get(backend.name)
-            if old is not None and old[0] == backend:
-                pools[backend.name] = old
-                continue
-            pool: UpstreamPool
-            if backend.kind == "litellm":
-                assert self._litellm is not None  # _load_providers ran for these settings
-                key = settings.env_secrets.get(backend.api_key_env) if backend.api_key_env else None
-                pool = LitellmPool(backend, key, self._litellm, read_timeout_s=limits.read_timeout_s)
-                pools[backend.name] = (backend, pool)
-                continue
-            pool = httpclient.Pool(
-                backend.url,
-                # As many idle connections as this worker may have requests at the backend: a burst of
-                # streams that ends leaves its connections for the next one instead of closing most of them.
-                max_idle=max(16, backend.capacity // max(1, settings.workers)),
-                connect_timeout_s=limits.connect_timeout_s,
-                read_timeout_s=limits.read_timeout_s,
-                # vLLM, uvicorn and the simulator drop idle connections after 5 s: retire ours first.
-                idle_timeout_s=4.0,
-            )
-            pools[backend.name] = (backend, pool)
-        return pools
 
     def _check_metrics_token(self, scope: Scope) -> None:
         token = self.settings.metrics_token
@@ -315,34 +275,22 @@ class GatewayApp:
         for field_name in ("listen", "redis_url", "state_path", "billing", "salt_secret", "admin_key"):
             if getattr(settings, field_name) != getattr(self.settings, field_name):
                 log.warning("config reload: %s changed; it takes effect after a restart", field_name)
-        pool = BackendPool(settings, self.metrics, previous=self.backends)
-        await pool.check_all(running.session)
         await reconcile_config(settings, running.store)
         for tenant in settings.tenants:
             self.metrics.know_tenant(tenant.id, tenant.weight)
-        running.admission.update_backends(settings, settings.workers)
         self._load_providers(settings)
-        old_pools = self._pools
-        self._pools = self._make_pools(settings, old_pools)
-        running.handler = InferenceHandler(
+        old = running.wired
+        running.wired = await wire(
             settings,
-            running.authenticator,
-            pool,
-            {name: upstream for name, (_, upstream) in self._pools.items()},
-            running.salts,
-            self.metrics,
-            _backend_keys(settings),
-            running.billing,
-            running.admission,
-            self.tracing or Tracing(None),
-            running.ledger,
+            running.services,
+            check=lambda b: b.check_all(running.session),
+            previous=old,
+            litellm=self._litellm,
         )
-        self.backends = pool
         self.settings = settings
-        running.authenticator.invalidate()
-        for name, old in old_pools.items():
-            if self._pools.get(name) is not old:
-                old_pool = old[1]
+        running.services.authenticator.invalidate()
+        for name, (_, old_pool) in old.pools.items():
+            if running.wired.pools.get(name, (None, None))[1] is not old_pool:
                 # In-flight requests on a replaced pool keep their connections; only idle ones close now.
                 running.tasks.append(asyncio.create_task(_close_later(old_pool, settings.shutdown_grace_s)))
         log.info("config reloaded: %d backends, %d models", len(settings.backends), len(settings.models))
@@ -352,6 +300,9 @@ class GatewayApp:
         running, self._running = self._running, None
         if running is None:
             return
+        # Requests the drain cancelled settle first (their leases, tpm and budget), while the quota store's
+        # client is still open; their billing events are queued by then.
+        await running.services.admission.drain(max(1.0, 4 * self.settings.redis_timeout_s))
         for task in running.tasks:
             task.cancel()
         for task in running.tasks:
@@ -359,11 +310,11 @@ class GatewayApp:
                 await task
         for close in running.closers:
             await close()
-        for _, upstream in self._pools.values():
+        for _, upstream in running.wired.pools.values():
             await upstream.close()
         await running.session.close()
-        await running.billing.close()
-        await running.ledger.close()
+        await running.services.billing.close()
+        await running.services.ledger.close()
         await running.store.close()
         if self.tracing is not None:
             self.tracing.shutdown()
@@ -371,8 +322,11 @@ class GatewayApp:
     async def _health_loop(self, session: aiohttp.ClientSession) -> None:
         while True:
             await asyncio.sleep(self.settings.health_interval_s)
+            running = self._running
+            if running is None:
+                return
             try:
-                await self.backends.check_all(session)
+                await running.wired.backends.check_all(session)
             except Exception:  # a health check must never stop the loop
                 log.exception("health check failed")
 
@@ -390,7 +344,7 @@ class GatewayApp:
             if endpoint is not None and method == "POST":
                 if running is None:
                     raise GatewayError("The gateway is starting up.", code="not_ready")
-                await running.handler.handle(scope, receive, send, endpoint, request_id)
+                await running.wired.handler.handle(scope, receive, send, endpoint, request_id)
             elif path == "/livez":
                 await send_response(send, 200, b'{"status":"ok"}', [rid])
             elif path == "/readyz":
@@ -403,7 +357,7 @@ class GatewayApp:
                     send, 200, self.metrics.exposition(), [rid], content_type=b"text/plain; version=0.0.4"
                 )
             elif path.startswith("/v1/models") and method == "GET" and running is not None:
-                await running.handler.models(scope, send, path, request_id)
+                await running.wired.handler.models(scope, send, path, request_id)
             elif path.startswith(_ADMIN_PREFIXES) and running is not None:
                 await running.admin(scope, receive, _with_header(send, rid))  # type: ignore[operator]
             elif path.startswith(CONSOLE_PREFIX):

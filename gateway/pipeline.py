@@ -1,17 +1,22 @@
 """The inference request path, top to bottom in one place.
 
-    authenticate -> parse -> authorise model -> admit (quotas, backend, slot) -> rewrite -> forward -> record
+    authenticate -> parse -> authorise model -> place (admission) -> rewrite -> forward -> close
 
-Each stage returns a plain value (a principal, a parsed request, a route, usage) and raises a
-`GatewayError` to stop; the stages do not call each other. Nothing here knows about ASGI routing.
+Each stage returns a plain value (a principal, a parsed request, a placement) or raises a `GatewayError`;
+the stages do not call each other. Nothing here knows about ASGI routing.
 
-Fallbacks: a model lists its backends in order. A request goes to the first that may serve it, or, when
-that one is saturated and the tenant's `on_limit.queue` is `fallback`, to a later one with a free slot.
-If the backend fails before the first byte of an answer reaches the client (no connection, a timeout, a
-dropped connection, a 5xx or 429 answer), the request moves to the next backend in the list, each at most
-once; the request keeps its one admission and moves its queue slot. A request that skips the first
-backend because it is down, ejected or not isolating counts as a fallback too ("unavailable"). The client is told in
-`x-gateway-fallback-from`, and the metric `gateway_fallbacks_total` and the billing event say why.
+One exit. However a request ends (an answer, a refusal, a backend error, a fallback, a downgrade, the
+client leaving, the gateway shutting down, Redis down or frozen), `_close` runs once, in a `finally`,
+from one `Record` of what happened: it counts the request in the metrics, bills it (if it reached a
+backend) and settles what admission reserved, all from the same figures. The figures are the backend's
+own usage when it reported one; when it did not (a stream cut short, a client that left), the prompt is
+charged from the gateway's own count and the output from the tokens relayed, so leaving early is never
+free.
+
+Fallbacks: when the backend fails before the first byte of an answer reaches the client (no connection, a
+timeout, a dropped connection, a 5xx or 429 answer), admission moves the request to the next backend that
+may serve it (`Admission.move`); the request keeps its one admission, and the record keeps where it
+started and why it moved.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
@@ -26,20 +32,13 @@ from typing import Any
 
 import orjson
 
-from gateway.admission import Admission, Admitted
+from gateway.admission import Admission, Placement
 from gateway.asgi import ClientDisconnected, Receive, Scope, Send, read_body, send_response
 from gateway.auth import Authenticator, authorization_header
 from gateway.billing import Billing
 from gateway.billing.ledger import UsageLedger
-from gateway.config import ModelConfig, Settings
-from gateway.errors import (
-    GatewayError,
-    NotFoundError,
-    PermissionDeniedError,
-    RateLimitError,
-    ServiceUnavailableError,
-    UpstreamError,
-)
+from gateway.config import LimitsConfig, ModelConfig
+from gateway.errors import GatewayError, NotFoundError, ServiceUnavailableError, UpstreamError
 from gateway.requests import ParsedRequest, parse_request
 from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.tracing import Tracing
@@ -58,7 +57,7 @@ from gateway.upstream.backends import Backend, BackendPool
 from gateway.upstream.salt import SaltDeriver
 from gateway.wire import httpclient
 
-__all__ = ["InferenceHandler", "Outcome", "rewrite"]
+__all__ = ["InferenceHandler", "Record", "rewrite"]
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -68,303 +67,367 @@ _PATHS = {
     "embeddings": "/v1/embeddings",
     "responses": "/v1/responses",
 }
-# Which `on_limit` entry of a tenant answers a refusal for each reason.
-_POLICY_KEY = {"queue_full": "queue", "queue_timeout": "queue"}
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+_FAILURE_REASONS = {"ConnectError": "connect_error", "ReadTimeout": "timeout", "ProtocolError": "protocol_error"}
+# The status of a request whose client went away: nginx's convention, never sent to anyone.
+CLIENT_GONE = 499
 
 
 @dataclass(slots=True)
-class _Progress:
-    """How far a request got, for counting the ones that end before a backend is called."""
-
-    tenant: str = "unauthenticated"
-    model: str = "unknown"
-    dispatched: bool = False
-    span: Any = None
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What happened to one request that reached a backend: the input of metering and billing."""
+class Record:
+    """Everything the one exit needs to know about a request, filled in as it goes."""
 
     request_id: str
-    principal: Principal
-    model: str
-    backend: str
     endpoint: str
-    stream: bool
-    status: int
-    usage: Usage
-    partial: bool
-    finish_reason: str | None
-    duration_s: float
-    ttft_s: float | None
-    downgraded_from: str | None = None
-    # Priced from the usage when recorded.
-    cost: float = 0.0
-    fallback_from: str | None = None
-    fallback_reason: str | None = None
+    started: float
+    # A unique id of the gateway's own for the usage event; the client's x-request-id is not one.
+    event_id: str = ""
+    tenant_label: str = "unauthenticated"
+    model_label: str = "unknown"
+    principal: Principal | None = None
+    placement: Placement | None = None
+    status: int = 500
+    stream: bool = False
+    # The backend's own usage, when it reported one.
+    engine_usage: Usage | None = None
+    # The backend took the request and worked on it (a stream began, or the request was sent and the
+    # client or the gateway gave up waiting): its prompt was processed even if no usage came back.
+    processed: bool = False
+    relayed_tokens: int = 0
+    partial: bool = False
+    finish_reason: str | None = None
+    ttft_s: float | None = None
+    span: Any = None
 
-
-@dataclass(slots=True)
-class _Route:
-    """Where an admitted request goes: its backend, the ones it may fall back to, and why it moved."""
-
-    backend: Backend
-    rest: list[Backend]
-    fallback_from: str | None = None
-    reason: str | None = None
+    def figures(self) -> Usage:
+        """The usage this request is metered, billed and charged with."""
+        if self.engine_usage is not None:
+            return self.engine_usage
+        if not self.processed or self.placement is None:
+            return Usage()
+        return Usage(prompt_tokens=self.placement.prompt_estimate, completion_tokens=self.relayed_tokens)
 
 
 class _Failover(Exception):
-    """A backend failed before any byte reached the client, and another backend may take the request."""
+    """The backend failed before any byte reached the client; `error` is what the client gets if no other
+    backend takes the request."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, error: GatewayError) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-_FAILURE_REASONS = {"ConnectError": "connect_error", "ReadTimeout": "timeout", "ProtocolError": "protocol_error"}
-
-
-@dataclass(slots=True, frozen=True)
-class _Call:
-    """One dispatched request: what the forwarding stage needs, and how to describe its outcome."""
-
-    request_id: str
-    principal: Principal
-    model: ModelConfig
-    backend: Backend
-    request: ParsedRequest
-    payload: bytes
-    started: float
-    response_headers: list[tuple[bytes, bytes]]
-    # Another backend may take the request if this one fails before answering.
-    can_fail_over: bool = False
-
-    def outcome(
-        self,
-        *,
-        stream: bool,
-        status: int,
-        usage: Usage,
-        partial: bool,
-        finish_reason: str | None = None,
-        ttft_s: float | None = None,
-    ) -> Outcome:
-        return Outcome(
-            request_id=self.request_id,
-            principal=self.principal,
-            model=self.model.name,
-            backend=self.backend.name,
-            endpoint=self.request.endpoint,
-            stream=stream,
-            status=status,
-            usage=usage,
-            partial=partial,
-            finish_reason=finish_reason,
-            duration_s=time.perf_counter() - self.started,
-            ttft_s=ttft_s,
-        )
+        self.error = error
 
 
 class InferenceHandler:
+    """The request path for one configuration; `gateway.wiring` builds one at start-up and at every reload."""
+
     def __init__(
         self,
-        settings: Settings,
+        *,
+        limits: LimitsConfig,
+        models: Mapping[str, ModelConfig],
         authenticator: Authenticator,
+        admission: Admission,
         backends: BackendPool,
         pools: Mapping[str, UpstreamPool],
-        salts: SaltDeriver,
-        metrics: Metrics,
         backend_keys: Mapping[str, str],
+        salts: SaltDeriver,
         billing: Billing,
-        admission: Admission,
-        tracing: Tracing,
         ledger: UsageLedger,
+        metrics: Metrics,
+        tracing: Tracing,
+        redis_timeout_s: float,
     ) -> None:
-        self._tracing = tracing
-        self._ledger = ledger
-        self._billing = billing
-        self._admission = admission
-        self._limits = settings.limits
-        self._models: dict[str, ModelConfig] = {m.name: m for m in settings.models}
+        self._limits = limits
+        self._models = models
         self._auth = authenticator
+        self._admission = admission
         self._backends = backends
         self._pools = pools
-        self._salts = salts
-        self._metrics = metrics
         self._backend_keys = backend_keys
+        self._salts = salts
+        self._billing = billing
+        self._ledger = ledger
+        self._metrics = metrics
+        self._tracing = tracing
+        self._redis_timeout_s = redis_timeout_s
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: str, request_id: str) -> None:
-        progress = _Progress()
+        record = Record(request_id, endpoint, time.perf_counter())
         with self._tracing.server_span(endpoint, request_id) as span:
-            progress.span = span
+            record.span = span
             try:
-                await self._handle(scope, receive, send, endpoint, request_id, progress)
+                await self._handle(scope, receive, send, record)
             except GatewayError as exc:
-                if not progress.dispatched:
-                    # Answers that never reached a backend (401, 4xx, 429, the gateway's own 503s) count too;
-                    # the others were counted with their outcome.
-                    m = self._metrics
-                    m.child(m.requests, progress.tenant, progress.model, str(exc.status)).inc()
-                if span is not None:
-                    Tracing.finish(span, exc.status, None)
+                record.status = exc.status
+                if record.placement is not None:
+                    # Every answer says what moved it, errors included.
+                    exc.headers.update((k.decode(), v.decode()) for k, v in record.placement.headers())
                 raise
+            except ClientDisconnected:
+                record.status = CLIENT_GONE
+                raise
+            except asyncio.CancelledError:
+                # Shutdown past its grace period (or the server giving up on the connection).
+                record.status = 503
+                raise
+            finally:
+                await self._close(record)
 
-    async def _handle(
-        self, scope: Scope, receive: Receive, send: Send, endpoint: str, request_id: str, progress: _Progress
-    ) -> None:
-        started = time.perf_counter()
-        principal = await self._auth.authenticate(authorization_header(scope["headers"]))
-        tenant_label = progress.tenant = self._metrics.tenant_label(principal.tenant_id, principal.tenant.weight)
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, record: Record) -> None:
+        # One allowance for waiting on shared state (the key lookup and admission together): a frozen Redis
+        # costs a request at most redis_timeout_s before the failure mode answers.
+        deadline = asyncio.get_running_loop().time() + self._redis_timeout_s
+        principal = await self._auth.authenticate(authorization_header(scope["headers"]), deadline=deadline)
+        record.principal = principal
+        record.tenant_label = self._metrics.tenant_label(principal.tenant_id, principal.tenant.weight)
         raw = await read_body(scope, receive, self._limits.max_body_bytes)
-        request = parse_request(endpoint, raw, self._limits.max_tokens_cap)
-        model = self._authorise(principal, request.model)
-        progress.model = model.name
-        if progress.span is not None:
-            Tracing.identify(progress.span, endpoint, model.name, principal.tenant_id)
-        cache_scope = principal.cache_scope()
-        prompt_estimate, output_estimate = self._admission.estimate(endpoint, request.body, request.max_tokens)
-        downgraded_from: str | None = None
-        while True:
-            try:
-                admitted, route = await self._admit(
-                    principal, model, prompt_estimate, output_estimate, cache_scope, tenant_label, receive
-                )
-                break
-            except RateLimitError as exc:
-                target = None if downgraded_from else self._downgrade_target(principal, exc.reason)
-                if target is None:
-                    raise
-                log.info("downgrading %s request from %s to %s (%s)", tenant_label, model.name, target.name, exc.reason)
-                downgraded_from, model = model.name, target
-        headers = [(b"x-request-id", request_id.encode()), *admitted.headers]
-        if downgraded_from is not None:
-            headers.append((b"x-gateway-downgraded-from", downgraded_from.encode()))
-        outcome: Outcome | None = None
-        progress.dispatched = True
-        backend = route.backend
-        self._metrics.child(self._metrics.inflight, tenant_label).inc()
+        request = parse_request(record.endpoint, raw, self._limits.max_tokens_cap)
+        record.stream = request.stream
+        model = self._authorise(principal, request.model, record)
+        if record.span is not None:
+            Tracing.identify(record.span, record.endpoint, model.name, principal.tenant_id)
+        placement = await self._admission.place(principal, request, model, receive=receive, deadline=deadline)
+        record.placement = placement
+        record.model_label = placement.model.name
+        record.event_id = "evt_" + os.urandom(12).hex()
+        self._metrics.child(self._metrics.inflight, record.tenant_label).inc()
         try:
-            direct = scope.get("gateway.exchange")
+            direct: DirectWriter | None = scope.get("gateway.exchange")
             while True:
-                sent = headers
-                if route.fallback_from is not None:
-                    sent = [*headers, (b"x-gateway-fallback-from", route.fallback_from.encode())]
-                payload = self._rewrite(request, principal, model, backend, cache_scope)
-                call = _Call(request_id, principal, model, backend, request, payload, started, sent, bool(route.rest))
                 try:
                     if request.stream:
-                        outcome = await self._stream(receive, send, call, direct)
+                        await self._stream(receive, send, request, placement, record, direct)
                     else:
-                        outcome = await self._unary(send, call)
-                    break
+                        await self._unary(send, request, placement, record)
+                    return
                 except _Failover as failover:
-                    backend = await self._fail_over(call, admitted, route, failover.reason, receive)
-            outcome.downgraded_from = downgraded_from
-            outcome.fallback_from, outcome.fallback_reason = route.fallback_from, route.reason
-            self._record(outcome)
-            if progress.span is not None:
-                Tracing.finish(progress.span, outcome.status, outcome.usage, outcome.finish_reason)
+                    if not await self._admission.move(placement, failover.reason, receive=receive):
+                        raise failover.error from None
         finally:
-            self._metrics.child(self._metrics.inflight, tenant_label).dec()
-            if outcome is None:
-                await self._admission.finish(admitted, 0, 0, 0.0)
-            else:
-                usage = outcome.usage
-                await self._admission.finish(admitted, usage.prompt_tokens, usage.completion_tokens, outcome.cost)
+            self._metrics.child(self._metrics.inflight, record.tenant_label).dec()
 
-    async def _admit(
-        self,
-        principal: Principal,
-        model: ModelConfig,
-        prompt_estimate: int,
-        output_estimate: int,
-        cache_scope: str | None,
-        tenant_label: str,
-        receive: Receive,
-    ) -> tuple[Admitted, _Route]:
-        """Quotas, then a backend, then a slot of its capacity; everything taken is given back on failure."""
-        # The most expensive of the model's backends: a budget is never overrun by a fallback.
-        worst, _ = self._billing.cost(model.name, prompt_estimate, output_estimate)
-        admitted = await self._admission.admit(principal, model, prompt_estimate, output_estimate, worst)
-        try:
-            candidates = self._backends.candidates(model, cache_scope is not None, tenant_label)
-            backend = candidates[0]
-            spill = None
-            if not self._admission.has_free_slot(backend.name) and principal.tenant.on_limit.get("queue") == "fallback":
-                spill = next((b for b in candidates[1:] if self._admission.has_free_slot(b.name)), None)
-            await self._take_slot(admitted, principal, spill or backend, model, receive)
-        except BaseException:
-            await self._admission.finish(admitted, 0, 0, 0.0)
-            raise
-        if spill is None:
-            route = _Route(backend, candidates[1:])
-            first = model.backends[0]
-            if backend.name != first:
-                # The first backend is down, ejected or not isolating: still a fallback, and the bill says so.
-                route.fallback_from, route.reason = first, "unavailable"
-                self._metrics.fallbacks.labels(model.name, first, backend.name, "unavailable").inc()
-            return admitted, route
-        self._metrics.fallbacks.labels(model.name, backend.name, spill.name, "saturated").inc()
-        return admitted, _Route(spill, [b for b in candidates if b is not spill], backend.name, "saturated")
-
-    async def _take_slot(
-        self, admitted: Admitted, principal: Principal, backend: Backend, model: ModelConfig, receive: Receive
-    ) -> None:
-        """A slot of the backend's capacity: at once if free, else in the fair queue, left if the client goes."""
-        if self._admission.has_free_slot(backend.name):
-            await self._admission.queue(admitted, principal, backend.name, model.name)
-            return
-        waiting = asyncio.ensure_future(self._admission.queue(admitted, principal, backend.name, model.name))
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
-        done, _ = await asyncio.wait({waiting, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if waiting not in done:
-            waiting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await waiting
-            raise ClientDisconnected
-        watcher.cancel()
-        waiting.result()
-
-    async def _fail_over(
-        self, call: _Call, admitted: Admitted, route: _Route, reason: str, receive: Receive
-    ) -> Backend:
-        """Move the request to the route's next backend: its slot there, the failed one's given back."""
-        failed, nxt = route.backend, route.rest.pop(0)
-        self._admission.release_slot(admitted)
-        try:
-            await self._take_slot(admitted, call.principal, nxt, call.model, receive)
-        except (GatewayError, ClientDisconnected) as exc:
-            # No other backend took it: the request ends on the one that failed.
-            status = exc.status if isinstance(exc, GatewayError) else 499
-            self._record(call.outcome(stream=call.request.stream, status=status, usage=Usage(), partial=False))
-            raise
-        log.info(
-            "request %s: backend %s failed (%s), falling back to %s", call.request_id, failed.name, reason, nxt.name
-        )
-        self._metrics.fallbacks.labels(call.model.name, failed.name, nxt.name, reason).inc()
-        if route.fallback_from is None:
-            route.fallback_from = failed.name
-        route.backend, route.reason = nxt, reason
-        return nxt
-
-    def _downgrade_target(self, principal: Principal, reason: str | None) -> ModelConfig | None:
-        policy = principal.tenant.on_limit.get(_POLICY_KEY.get(reason or "", reason or ""), "reject")
-        if not policy.startswith("downgrade:"):
-            return None
-        target = self._models.get(policy.removeprefix("downgrade:"))
-        if target is None or not principal.may_use(target.name):
-            log.warning(
-                "tenant %s: on_limit names model %r, which is unknown or not allowed", principal.tenant_id, policy
+    def _authorise(self, principal: Principal, name: str, record: Record) -> ModelConfig:
+        model = self._models.get(name)
+        if model is not None:
+            record.model_label = model.name
+        if model is None or not principal.may_use(name):
+            # One answer for a model that does not exist and one the caller may not use: no tenant learns
+            # by name which models others may use.
+            raise NotFoundError(
+                f"The model '{name[:200]}' does not exist or you do not have access to it.", param="model"
             )
-            return None
-        return target
+        return model
+
+    # --- forwarding -----------------------------------------------------------------------------------
+
+    def _payload(self, request: ParsedRequest, placement: Placement) -> bytes:
+        backend = placement.backend
+        salted = backend.config.kind == "vllm"
+        return rewrite(
+            request,
+            placement.principal,
+            placement.model.upstream_name,
+            salts=self._salts if salted else None,
+            scope=placement.principal.cache_scope(),
+        )
+
+    def _failed_to_answer(self, backend: Backend, exc: httpclient.UpstreamError) -> _Failover:
+        self._metrics.upstream_errors.labels(backend.name, type(exc).__name__).inc()
+        self._backends.failed(backend)
+        reason = _FAILURE_REASONS.get(type(exc).__name__, "connect_error")
+        return _Failover(reason, UpstreamError(UPSTREAM_FAILED))
+
+    def _error_answer(self, backend: Backend, status: int, data: bytes) -> GatewayError:
+        """A backend's error answer: a 5xx or 429 may move the request to another backend."""
+        if status >= 500:
+            self._metrics.upstream_errors.labels(backend.name, f"http_{status}").inc()
+        error = error_from_backend(status, data)
+        if status >= 500 or status == 429:
+            raise _Failover(f"http_{status}", error)
+        return error
+
+    async def _unary(self, send: Send, request: ParsedRequest, placement: Placement, record: Record) -> None:
+        backend, model = placement.backend, placement.model
+        headers = backend_headers(backend, record.request_id, self._backend_keys.get(backend.name))
+        payload = self._payload(request, placement)
+        pool = self._pools[backend.name]
+        try:
+            with self._tracing.client_span(request.endpoint, model.upstream_name, backend.name, backend.config.kind):
+                # From here the backend may be working on it: a client or a gateway that stops waiting still
+                # pays for the prompt.
+                record.processed = True
+                async with await pool.request("POST", _PATHS[request.endpoint], payload, headers) as resp:
+                    status = resp.status
+                    data = await resp.read()
+        except httpclient.UpstreamError as exc:
+            record.processed = False
+            raise self._failed_to_answer(backend, exc) from None
+        self._backends.succeeded(backend)
+        self._metrics.child(self._metrics.upstream_latency, backend.name).observe(time.perf_counter() - record.started)
+        if status >= 400:
+            record.processed = False
+            raise self._error_answer(backend, status, data)
+        swap_from, swap_to = _model_swap(model)
+        if swap_from is not None and swap_to is not None:
+            data = data.replace(swap_from, swap_to, 1)
+        with contextlib.suppress(orjson.JSONDecodeError):
+            parsed = orjson.loads(data)
+            record.engine_usage = usage_from(parsed)
+            record.finish_reason = _first_finish_reason(parsed)
+        record.status = status
+        await send_response(send, status, data, [(b"x-request-id", record.request_id.encode()), *placement.headers()])
+
+    async def _stream(
+        self,
+        receive: Receive,
+        send: Send,
+        request: ParsedRequest,
+        placement: Placement,
+        record: Record,
+        direct: DirectWriter | None,
+    ) -> None:
+        backend, model = placement.backend, placement.model
+        headers = backend_headers(backend, record.request_id, self._backend_keys.get(backend.name))
+        payload = self._payload(request, placement)
+        swap_from, swap_to = _model_swap(model)
+        relay = Relay(send, client_wants_usage=request.client_wants_usage, model_from=swap_from, model_to=swap_to)
+        response_headers = [*_SSE_HEADERS, (b"x-request-id", record.request_id.encode()), *placement.headers()]
+        started = record.started
+
+        async def forward() -> None:
+            with self._tracing.client_span(request.endpoint, model.upstream_name, backend.name, backend.config.kind):
+                try:
+                    resp = await self._pools[backend.name].request("POST", _PATHS[request.endpoint], payload, headers)
+                except httpclient.UpstreamError as exc:
+                    raise self._failed_to_answer(backend, exc) from None
+                self._backends.succeeded(backend)
+                async with resp:
+                    self._metrics.child(self._metrics.upstream_latency, backend.name).observe(
+                        time.perf_counter() - started
+                    )
+                    if resp.status != 200:
+                        raise self._error_answer(backend, resp.status, await resp.read())
+                    await send({"type": "http.response.start", "status": 200, "headers": response_headers})
+                    record.processed = True
+                    if direct is not None:
+                        await relay.run_direct(resp, direct, started)
+                    else:
+                        await relay.run(resp, started)
+
+        try:
+            if direct is not None:
+                client_gone, exc = await _watched_by_server(forward(), direct)
+            else:
+                client_gone, exc = await _watched_by_task(forward(), receive)
+        except asyncio.CancelledError:
+            # The server is shutting down past its grace period: end the stream with an error event rather
+            # than a silent cut, and bill what was generated.
+            if record.processed:
+                error = ServiceUnavailableError("The gateway is shutting down; the answer is incomplete.")
+                with contextlib.suppress(Exception):
+                    await send({"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n"})
+            self._stream_figures(record, relay, 503, partial=True)
+            raise
+        if client_gone:
+            # The client went away: the upstream call was cancelled, which closed its connection, which
+            # stops the generation.
+            self._stream_figures(record, relay, CLIENT_GONE, partial=True)
+            return
+        if exc is not None:
+            raise exc
+        failed = relay.outcome.failed
+        self._stream_figures(record, relay, 502 if failed else 200, partial=failed)
+
+    @staticmethod
+    def _stream_figures(record: Record, relay: Relay, status: int, *, partial: bool) -> None:
+        out = relay.outcome
+        record.status, record.partial = status, partial
+        record.relayed_tokens = out.content_chunks
+        record.finish_reason, record.ttft_s = out.finish_reason, out.first_chunk_at
+        if out.usage_seen:
+            record.engine_usage = out.usage
+
+    # --- the one exit ---------------------------------------------------------------------------------
+
+    async def _close(self, record: Record) -> None:
+        """Count, bill and settle the request, from one set of figures; runs once, whatever happened."""
+        m = self._metrics
+        placement = record.placement
+        if placement is None:
+            m.child(m.requests, record.tenant_label, record.model_label, str(record.status)).inc()
+            if record.span is not None:
+                Tracing.finish(record.span, record.status, None)
+            return
+        usage = record.figures()
+        model = placement.model.name
+        backend = placement.backend.name
+        cost, currency = self._billing.cost(model, usage.prompt_tokens, usage.completion_tokens, backend)
+        tenant = record.tenant_label
+        duration = time.perf_counter() - record.started
+        m.child(m.requests, tenant, model, str(record.status)).inc()
+        m.child(m.duration, tenant, model).observe(duration)
+        if record.ttft_s is not None:
+            m.child(m.ttft, tenant, model).observe(record.ttft_s)
+        if usage.prompt_tokens:
+            m.child(m.tokens, tenant, model, "prompt").inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            m.child(m.tokens, tenant, model, "completion").inc(usage.completion_tokens)
+        if usage.cached_tokens:
+            m.child(m.tokens, tenant, model, "cached").inc(usage.cached_tokens)
+        if cost:
+            m.child(m.spend, tenant, currency).inc(cost)
+        principal = placement.principal
+        self._ledger.record(
+            principal.tenant_id,
+            principal.key.id,
+            time.time(),
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+            cost,
+            currency,
+        )
+        self._billing.emit(
+            record.event_id,
+            principal.tenant_id,
+            {
+                "request_id": record.request_id,
+                "tenant": principal.tenant_id,
+                "key_id": principal.key.id,
+                "model": model,
+                "backend": backend,
+                "endpoint": record.endpoint,
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "cached_tokens": usage.cached_tokens,
+                "cost": cost,
+                "currency": currency,
+                "status": record.status,
+                "finish_reason": record.finish_reason,
+                "stream": record.stream,
+                "partial": record.partial or (record.status != 200 and record.processed),
+                "downgraded_from": placement.downgraded_from,
+                "fallback_from": placement.fallback_from,
+                "fallback_reason": placement.fallback_reason,
+                "timings": {
+                    "duration_ms": round(duration * 1000, 3),
+                    "ttft_ms": None if record.ttft_s is None else round(record.ttft_s * 1000, 3),
+                    "queue_ms": round(placement.queue_wait_s * 1000, 3),
+                },
+            },
+        )
+        if record.span is not None:
+            Tracing.finish(record.span, record.status, usage, record.finish_reason)
+        await self._admission.settle(
+            placement, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, cost=cost
+        )
+
+    # --- /v1/models -----------------------------------------------------------------------------------
 
     async def models(self, scope: Scope, send: Send, path: str, request_id: str) -> None:
         """`GET /v1/models` (only what the caller may use) and `GET /v1/models/{id}`."""
@@ -377,231 +440,10 @@ class InferenceHandler:
         name = path[len("/v1/models/") :]
         if not path.startswith("/v1/models/") or name not in self._models or not principal.may_use(name):
             # A model the caller may not use looks unknown: no tenant learns what others may use.
-            raise NotFoundError(f"The model '{name[:200]}' does not exist.", param="model")
+            raise NotFoundError(
+                f"The model '{name[:200]}' does not exist or you do not have access to it.", param="model"
+            )
         await send_response(send, 200, orjson.dumps(_model_object(self._models[name])), rid)
-
-    def _authorise(self, principal: Principal, name: str) -> ModelConfig:
-        model = self._models.get(name)
-        if model is None:
-            raise NotFoundError(f"The model '{name}' does not exist.", param="model")
-        if not principal.may_use(name):
-            raise PermissionDeniedError(f"Your key is not allowed to use the model '{name}'.", param="model")
-        return model
-
-    def _rewrite(
-        self,
-        request: ParsedRequest,
-        principal: Principal,
-        model: ModelConfig,
-        backend: Backend,
-        cache_scope: str | None,
-    ) -> bytes:
-        salted = backend.config.kind == "vllm"
-        return rewrite(
-            request, principal, model.upstream_name, salts=self._salts if salted else None, scope=cache_scope
-        )
-
-    def _model_swap(self, model: ModelConfig) -> tuple[bytes | None, bytes | None]:
-        if model.upstream_name == model.name:
-            return None, None
-        return (
-            b'"model":' + orjson.dumps(model.upstream_name),
-            b'"model":' + orjson.dumps(model.name),
-        )
-
-    async def _unary(self, send: Send, call: _Call) -> Outcome:
-        request, model, backend, payload = call.request, call.model, call.backend, call.payload
-        request_id, started, response_headers = call.request_id, call.started, call.response_headers
-        headers = backend_headers(backend, request_id, self._backend_keys.get(backend.name))
-        pool = self._pools[backend.name]
-        try:
-            with self._tracing.client_span(request.endpoint, model.upstream_name, backend.name, backend.config.kind):
-                async with await pool.request("POST", _PATHS[request.endpoint], payload, headers) as resp:
-                    status = resp.status
-                    data = await resp.read()
-        except httpclient.UpstreamError as exc:
-            self._metrics.upstream_errors.labels(backend.name, type(exc).__name__).inc()
-            self._backends.failed(backend)
-            if call.can_fail_over:
-                raise _Failover(_FAILURE_REASONS.get(type(exc).__name__, "connect_error")) from None
-            self._record(call.outcome(stream=False, status=502, usage=Usage(), partial=True))
-            raise UpstreamError(UPSTREAM_FAILED) from None
-        self._backends.succeeded(backend)
-        self._metrics.child(self._metrics.upstream_latency, backend.name).observe(time.perf_counter() - started)
-        usage = Usage()
-        finish_reason: str | None = None
-        if status >= 400:
-            if status >= 500:
-                self._metrics.upstream_errors.labels(backend.name, f"http_{status}").inc()
-            if call.can_fail_over and (status >= 500 or status == 429):
-                raise _Failover(f"http_{status}")
-            error = error_from_backend(status, data)
-            await send_response(send, error.status, error.body(), response_headers)
-            status = error.status
-        else:
-            swap_from, swap_to = self._model_swap(model)
-            if swap_from is not None and swap_to is not None:
-                data = data.replace(swap_from, swap_to, 1)
-            with contextlib.suppress(orjson.JSONDecodeError):
-                parsed = orjson.loads(data)
-                usage = usage_from(parsed) or Usage()
-                finish_reason = _first_finish_reason(parsed)
-            await send_response(send, status, data, response_headers)
-        return call.outcome(stream=False, status=status, usage=usage, partial=False, finish_reason=finish_reason)
-
-    async def _stream(self, receive: Receive, send: Send, call: _Call, direct: DirectWriter | None) -> Outcome:
-        request, model, backend, payload = call.request, call.model, call.backend, call.payload
-        request_id, started, response_headers = call.request_id, call.started, call.response_headers
-        headers = backend_headers(backend, request_id, self._backend_keys.get(backend.name))
-        swap_from, swap_to = self._model_swap(model)
-        relay = Relay(send, client_wants_usage=request.client_wants_usage, model_from=swap_from, model_to=swap_to)
-        status = 200
-        started_response = False
-
-        async def forward() -> None:
-            with self._tracing.client_span(request.endpoint, model.upstream_name, backend.name, backend.config.kind):
-                await relay_upstream()
-
-        async def relay_upstream() -> None:
-            nonlocal status, started_response
-            try:
-                resp = await self._pools[backend.name].request("POST", _PATHS[request.endpoint], payload, headers)
-            except httpclient.UpstreamError as exc:
-                self._metrics.upstream_errors.labels(backend.name, type(exc).__name__).inc()
-                self._backends.failed(backend)
-                if call.can_fail_over:
-                    raise _Failover(_FAILURE_REASONS.get(type(exc).__name__, "connect_error")) from None
-                raise UpstreamError(UPSTREAM_FAILED) from None
-            self._backends.succeeded(backend)
-            async with resp:
-                self._metrics.child(self._metrics.upstream_latency, backend.name).observe(time.perf_counter() - started)
-                if resp.status != 200:
-                    data = await resp.read()
-                    if resp.status >= 500:
-                        self._metrics.upstream_errors.labels(backend.name, f"http_{resp.status}").inc()
-                    if call.can_fail_over and (resp.status >= 500 or resp.status == 429):
-                        raise _Failover(f"http_{resp.status}")
-                    raise error_from_backend(resp.status, data)
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 200,
-                        "headers": [*_SSE_HEADERS, *response_headers],
-                    }
-                )
-                started_response = True
-                if direct is not None:
-                    await relay.run_direct(resp, direct, started)
-                else:
-                    await relay.run(resp, started)
-
-        try:
-            if direct is not None:
-                client_gone, exc = await _watched_by_server(forward(), direct)
-            else:
-                client_gone, exc = await _watched_by_task(forward(), receive)
-        except asyncio.CancelledError:
-            # The server is shutting down past its grace period: end the stream with an error event rather
-            # than a silent cut, and bill what was generated.
-            if started_response:
-                error = ServiceUnavailableError("The gateway is shutting down; the answer is incomplete.")
-                with contextlib.suppress(Exception):
-                    await send({"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n"})
-            self._record(self._stream_outcome(call, 503, relay, partial=True))
-            raise
-        if client_gone:
-            # The client went away: the upstream call was cancelled, which closed its connection, which
-            # stops the generation.
-            status = 499
-        else:
-            if isinstance(exc, _Failover):
-                raise exc
-            if isinstance(exc, GatewayError) and not started_response:
-                # Nothing was sent yet: the app answers with a normal error response.
-                outcome = self._stream_outcome(call, exc.status, relay, partial=False)
-                self._record(outcome)
-                raise exc
-            if exc is not None:
-                raise exc
-        out = relay.outcome
-        partial = client_gone or out.failed
-        if partial and status == 200:
-            status = 502
-        return self._stream_outcome(call, status, relay, partial=partial)
-
-    @staticmethod
-    def _stream_outcome(call: _Call, status: int, relay: Relay, *, partial: bool) -> Outcome:
-        out = relay.outcome
-        usage = out.usage
-        if not out.usage_seen:
-            # Interrupted before the backend's usage chunk: bill what was relayed (one token per chunk).
-            usage = Usage(prompt_tokens=0, completion_tokens=out.content_chunks, cached_tokens=0)
-        return call.outcome(
-            stream=True,
-            status=status,
-            usage=usage,
-            partial=partial,
-            finish_reason=out.finish_reason,
-            ttft_s=out.first_chunk_at,
-        )
-
-    def _record(self, outcome: Outcome) -> None:
-        m = self._metrics
-        tenant = m.tenant_label(outcome.principal.tenant_id)
-        m.child(m.requests, tenant, outcome.model, str(outcome.status)).inc()
-        m.child(m.duration, tenant, outcome.model).observe(outcome.duration_s)
-        if outcome.ttft_s is not None:
-            m.child(m.ttft, tenant, outcome.model).observe(outcome.ttft_s)
-        usage = outcome.usage
-        if usage.prompt_tokens:
-            m.child(m.tokens, tenant, outcome.model, "prompt").inc(usage.prompt_tokens)
-        if usage.completion_tokens:
-            m.child(m.tokens, tenant, outcome.model, "completion").inc(usage.completion_tokens)
-        if usage.cached_tokens:
-            m.child(m.tokens, tenant, outcome.model, "cached").inc(usage.cached_tokens)
-        cost, currency = self._billing.cost(
-            outcome.model, usage.prompt_tokens, usage.completion_tokens, outcome.backend
-        )
-        outcome.cost = cost
-        if cost:
-            m.child(m.spend, tenant, currency).inc(cost)
-        self._ledger.record(
-            outcome.principal.tenant_id,
-            outcome.principal.key.id,
-            time.time(),
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            usage.cached_tokens,
-            cost,
-            currency,
-        )
-        self._billing.emit(
-            outcome.request_id,
-            outcome.principal.tenant_id,
-            {
-                "tenant": outcome.principal.tenant_id,
-                "key_id": outcome.principal.key.id,
-                "model": outcome.model,
-                "backend": outcome.backend,
-                "endpoint": outcome.endpoint,
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "cached_tokens": usage.cached_tokens,
-                "cost": cost,
-                "currency": currency,
-                "status": outcome.status,
-                "finish_reason": outcome.finish_reason,
-                "stream": outcome.stream,
-                "partial": outcome.partial,
-                "downgraded_from": outcome.downgraded_from,
-                "fallback_from": outcome.fallback_from,
-                "fallback_reason": outcome.fallback_reason,
-                "timings": {
-                    "duration_ms": round(outcome.duration_s * 1000, 3),
-                    "ttft_ms": None if outcome.ttft_s is None else round(outcome.ttft_s * 1000, 3),
-                },
-            },
-        )
 
 
 def rewrite(
@@ -612,7 +454,7 @@ def rewrite(
     streams, `user` per the tenant's policy; every other field as the client sent it."""
     body = request.body
     body["model"] = upstream_model
-    # The client's own salt is never forwarded as is (SPEC section 5).
+    # The client's own salt is never forwarded as is: it could name another tenant's scope.
     body.pop("cache_salt", None)
     if salts is not None and scope is not None:
         if request.client_salt is not None and principal.tenant.allow_client_salt:
@@ -628,6 +470,12 @@ def rewrite(
     elif policy == "strip":
         body.pop("user", None)
     return orjson.dumps(body)
+
+
+def _model_swap(model: ModelConfig) -> tuple[bytes | None, bytes | None]:
+    if model.upstream_name == model.name:
+        return None, None
+    return b'"model":' + orjson.dumps(model.upstream_name), b'"model":' + orjson.dumps(model.name)
 
 
 def _first_finish_reason(obj: object) -> str | None:

@@ -185,11 +185,13 @@ class Run:
 
     def events(self) -> dict[str, list[str]]:
         path = self.workdir / "billing.jsonl"
-        jsonl = [json.loads(line)["id"] for line in path.read_text().splitlines()] if path.exists() else []
+        lines = path.read_text().splitlines() if path.exists() else []
+        # Matched to the requests by the x-request-id each answer carried (events have ids of their own).
+        jsonl = [json.loads(line)["data"]["request_id"] for line in lines]
         try:
             client = redis.Redis.from_url(self.redis_url, socket_timeout=2)
             entries = client.xrange(STREAM)
-            stream = [fields[b"id"].decode() for _, fields in entries]
+            stream = [json.loads(fields[b"event"])["data"]["request_id"] for _, fields in entries]
             client.close()
         except redis.RedisError:
             stream = []

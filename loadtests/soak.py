@@ -385,7 +385,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         asyncio.run(main())
         events = read_billing(workdir / "billing.jsonl", 20, len(tally.billed_expected))
-        ids = [e["id"] for e in events]
+        ids = [e["data"]["request_id"] for e in events]
         unique = set(ids)
         log_text = (workdir / "gateway.log").read_text(errors="replace")
         result: dict[str, Any] = {

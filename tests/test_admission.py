@@ -19,9 +19,11 @@ import pytest
 
 from gateway.admission import Admission
 from gateway.admission.limits import LocalQuotaStore
-from gateway.config import ModelConfig, Settings
+from gateway.config import Settings
+from gateway.requests import parse_request
 from gateway.telemetry.metrics import Metrics
 from gateway.tenancy import KeyRecord, Principal, Quotas, Tenant
+from gateway.upstream.backends import BackendPool
 from tests.support.admin import tenant_with_key
 from tests.support.gateway import GatewayProc, start_gateway
 from tests.support.redis_server import RedisServer
@@ -74,7 +76,7 @@ def billing_event(gw: GatewayProc, request_id: str) -> dict[str, Any]:
         if path.exists():
             for line in path.read_text().splitlines():
                 event: dict[str, Any] = json.loads(line)
-                if event["id"] == request_id:
+                if event["data"]["request_id"] == request_id:
                     return event
         assert time.monotonic() < deadline, f"no billing event for {request_id}"
         time.sleep(0.05)
@@ -345,8 +347,12 @@ def test_two_replicas_share_the_rpm_limit(sim: SimHandle, redis_server: RedisSer
     b = start_gateway(base_config(sim, redis_server, tmp_path / "b"), tmp_path / "b")
     try:
         key = tenant_with_key(a.url, a.admin_key, "shared-rpm", limits={"rpm": 20})
+        started = time.monotonic()
         codes = [post(a if i % 2 else b, key).status_code for i in range(30)]
-        assert codes.count(200) == 20 and codes.count(429) == 10
+        # One bucket for both: 20 at once, plus one more for every 3 s the 30 requests took (the bucket
+        # refills at rpm / 60 per second; a busy machine can take that long).
+        refilled = int((time.monotonic() - started) // 3)
+        assert 20 <= codes.count(200) <= 20 + refilled and codes.count(200) + codes.count(429) == 30
     finally:
         a.stop()
         b.stop()
@@ -419,18 +425,32 @@ async def test_refreshed_principals_of_one_key_are_not_kept_alive() -> None:
     """The authenticator makes a new principal for a key every time its cache entry refreshes; the quota
     scopes memo kept each one (about 6 KB) until 4,096 had piled up: the soak run's RSS crept up by
     0.17 MB/min with two busy keys. Only the latest principal of a key may stay."""
-    admission = Admission(Settings(), LocalQuotaStore(), Metrics())
-    model = ModelConfig(name="m", backends=("sim",))
+    settings = Settings.model_validate(
+        {
+            "backends": [{"name": "sim", "kind": "openai", "url": "http://127.0.0.1:9"}],
+            "models": [{"name": "m", "backends": ["sim"]}],
+        }
+    )
+    metrics = Metrics()
+    admission = Admission(settings=settings, quotas=LocalQuotaStore(), metrics=metrics, worst_cost=lambda *_: 0.0)
+    backends = BackendPool(settings, metrics)
+    backends.backends["sim"].healthy = True
+    admission.reconfigure(settings, backends)
+    model = settings.models[0]
+    request = parse_request("chat", b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}', 1000)
     tenant = Tenant(id="t", limits=Quotas(rpm=10**9, tpm=10**12)).model_dump_json()
     key = KeyRecord(
         id="key_1", tenant_id="t", secret_hash="0" * 64, prefix="sk-gw-xxxx", created_at=0
     ).model_dump_json()
 
+    async def never() -> dict[str, str]:
+        raise AssertionError("a free slot is taken without waiting")
+
     async def one_refresh() -> None:
         # What Authenticator._load builds from the store on every refresh.
         principal = Principal(tenant=Tenant.model_validate_json(tenant), key=KeyRecord.model_validate_json(key))
-        admitted = await admission.admit(principal, model, 10, 10, 0.0)
-        await admission.finish(admitted, 10, 10, 0.0)
+        placement = await admission.place(principal, request, model, receive=never)
+        await admission.settle(placement, prompt_tokens=10, completion_tokens=10, cost=0.0)
 
     for _ in range(50):
         await one_refresh()

@@ -70,6 +70,17 @@ def jsonl_ids(path: Path) -> list[str]:
     return [json.loads(line)["id"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def stream_request_ids(url: str, stream: str) -> list[str]:
+    """The x-request-id of each request the stream's events bill (events carry ids of their own)."""
+    with redis.Redis.from_url(url) as client:
+        return [orjson.loads(fields[b"event"])["data"]["request_id"] for _, fields in client.xrange(stream)]
+
+
+def jsonl_request_ids(path: Path) -> list[str]:
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["data"]["request_id"] for line in lines]
+
+
 def start_durable(server: RedisServer) -> None:
     """Start redis-server so that acknowledged writes survive SIGKILL (AOF, fsync before every reply)."""
     server.start(appendonly=True)
@@ -462,7 +473,8 @@ def test_every_kind_of_request_is_billed_exactly_once(
     order = [e["id"] for e in events]
     assert len(order) == total and len(set(order)) == total
     assert stream_ids(own_redis.url, "billing") == order
-    by_id = {e["id"]: e["data"] for e in events}
+    by_id = {e["data"]["request_id"]: e["data"] for e in events}
+    assert all(e["id"].startswith("evt_") for e in events)  # the gateway's own ids, not the clients'
     expected = {  # status, stream, partial
         "unary": (200, False, False),
         "stream": (200, True, False),
@@ -520,9 +532,10 @@ def test_redis_killed_mid_run_loses_and_duplicates_nothing(
     assert {status for status, _ in seen} == {200}  # billing never failed a request
     ids = [rid for _, rid in seen]
     poll(lambda: len(stream_ids(own_redis.url, "billing")) >= len(ids))
-    streamed = stream_ids(own_redis.url, "billing")
+    streamed = stream_request_ids(own_redis.url, "billing")
     assert len(streamed) == len(ids) and set(streamed) == set(ids)
-    assert streamed == jsonl_ids(tmp_path / "billing.jsonl")  # the order the gateway completed them in
+    assert len(set(stream_ids(own_redis.url, "billing"))) == len(ids)  # no event id twice
+    assert streamed == jsonl_request_ids(tmp_path / "billing.jsonl")  # the order the gateway completed them in
     poll(lambda: billing_metrics(gw)[("redis", "spool")] == 0)
     m = billing_metrics(gw)
     assert m[("redis", "spooled")] > 0 and m[("redis", "replayed")] == m[("redis", "spooled")]
@@ -567,9 +580,9 @@ def test_sigterm_right_after_a_burst_flushes_every_event(
     done = burst(gw, key, 30, sigterm=True)
     assert gw.proc.popen is not None and gw.proc.popen.wait(20) == 0, gw.output()
     assert [status for status, _ in done] == [200] * 30  # those in flight finished during the drain
-    billed = jsonl_ids(tmp_path / "billing.jsonl")
+    billed = jsonl_request_ids(tmp_path / "billing.jsonl")
     assert sorted(billed) == sorted(rid for _, rid in done)
-    assert stream_ids(own_redis.url, "billing") == billed
+    assert stream_request_ids(own_redis.url, "billing") == billed
 
 
 def test_sink_down_at_shutdown_spools_and_the_next_start_replays(
@@ -585,11 +598,11 @@ def test_sink_down_at_shutdown_spools_and_the_next_start_replays(
     gw.proc.signal(signal.SIGTERM)
     assert gw.proc.popen is not None and gw.proc.popen.wait(20) == 0, gw.output()
     segments = sorted((tmp_path / "spool" / "redis").glob("*.seg"))
-    spooled = [json.loads(line)["id"] for p in segments for line in p.read_text().splitlines()]
+    spooled = [json.loads(line)["data"]["request_id"] for p in segments for line in p.read_text().splitlines()]
     assert sorted(spooled) == sorted(rid for _, rid in during)
     start_durable(own_redis)
     launch(own_redis.url)  # the same state and spool directory
     poll(lambda: len(stream_ids(own_redis.url, "billing")) >= 25)
-    assert stream_ids(own_redis.url, "billing") == before + spooled
+    assert stream_request_ids(own_redis.url, "billing") == before + spooled
     assert stream_ids(own_redis.url, "billing") == jsonl_ids(tmp_path / "billing.jsonl")
     poll(lambda: not list((tmp_path / "spool" / "redis").glob("*.seg")))

@@ -183,11 +183,27 @@ def test_401_expired_key(gw: GatewayProc, key: str) -> None:
     assert "expired" in error_of(resp)["message"]
 
 
-def test_403_model_not_allowed(gw: GatewayProc) -> None:
+def test_a_forbidden_model_looks_unknown(gw: GatewayProc) -> None:
+    """A model the tenant may not use answers exactly as one that does not exist: no tenant can list, by
+    name, the models others may use. The operator's metric still names the model."""
+
+    def count(model: str) -> float:
+        for line in httpx.get(gw.url + "/metrics").text.splitlines():
+            if line.startswith("gateway_requests_total{") and f'model="{model}"' in line and 'status="404"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=CFG_KEY, max_retries=0)
-    with pytest.raises(openai.PermissionDeniedError) as info:
-        client.chat.completions.create(model="premium-model", messages=MESSAGES)
-    assert info.value.code == "model_not_allowed"
+    before = count("premium-model")
+    answers = []
+    for name in ("premium-model", "no-such-model"):
+        with pytest.raises(openai.NotFoundError) as info:
+            client.chat.completions.create(model=name, messages=MESSAGES)
+        body = info.value.response.json()["error"]
+        answers.append({**body, "message": body["message"].replace(name, "NAME")})
+    assert answers[0] == answers[1]
+    assert answers[0]["code"] == "model_not_found" and answers[0]["param"] == "model"
+    assert count("premium-model") == before + 1
 
 
 def test_404_unknown_model(client: openai.OpenAI) -> None:

@@ -523,6 +523,9 @@ async def test_a_hung_redis_fails_with_quota_backend_error_after_the_socket_time
 async def test_failover_runs_on_local_shares_and_recovers(
     own_redis: RedisServer, own_client: ScriptClient, tenant: str, clock: FakeClock
 ) -> None:
+    # A server that keeps what it acknowledged across a kill, as a production Redis with AOF does.
+    own_redis.kill()
+    own_redis.start(appendonly=True, extra=("--appendfsync", "always"))
     changes: list[bool] = []
     store = FailoverQuotaStore(
         RedisQuotaStore(own_client, clock=clock),
@@ -541,15 +544,18 @@ async def test_failover_runs_on_local_shares_and_recovers(
     assert store.degraded and changes == [True]
     assert [d.allowed for d in local] == [True] * 5 + [False]  # this replica's half of rpm=10
     assert held(local[0]).backend == "local" and local[0].headers.limit_requests == 5
-    assert not await store.settle(before, actual_tokens=0, actual_cost=0.0)  # lost; its lease expires
+    with pytest.raises(QuotaBackendError):  # kept by the caller, settled once Redis is back
+        await store.settle(before, actual_tokens=0, actual_cost=0.0)
 
-    own_redis.start()
+    own_redis.start(appendonly=True, extra=("--appendfsync", "always"))
     assert held(await admit(store, f"{tenant}-2", s)).backend == "local"  # not retried yet
     clock.advance(1.0)
     recovered = held(await admit(store, tenant, s))
     assert recovered.backend == "redis" and not store.degraded and changes == [True, False]
     assert await store.settle(held(local[0]), actual_tokens=0, actual_cost=0.0)  # settled where it was made
     assert await store.settle(recovered, actual_tokens=0, actual_cost=0.0)
+    assert await store.settle(before, actual_tokens=0, actual_cost=0.0)  # late, and once
+    assert not await store.settle(before, actual_tokens=0, actual_cost=0.0)
     await store.close()
 
 

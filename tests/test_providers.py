@@ -76,7 +76,7 @@ class Events:
             if self.path.exists():
                 for line in self.path.read_text().splitlines():
                     event = json.loads(line)
-                    if event["id"] == request_id:
+                    if event["data"]["request_id"] == request_id:
                         found.update(event["data"])
                         return True
             return False

@@ -114,7 +114,7 @@ def test_metrics_and_billing_add_up_over_workers(gw: GatewayProc) -> None:
     deadline = time.monotonic() + 10
     while True:
         events = [json.loads(line) for line in billing.read_text().splitlines()] if billing.exists() else []
-        mine = [e["id"] for e in events if e["subject"] == "counted"]
+        mine = [e["data"]["request_id"] for e in events if e["subject"] == "counted"]
         if len(mine) >= 40 or time.monotonic() > deadline:
             break
         time.sleep(0.1)

@@ -86,7 +86,11 @@ class Authenticator:
         # Bumped by every invalidation: a read that started before one is used but not cached (it may be stale).
         self._generation = 0
 
-    async def authenticate(self, header: bytes | None) -> Principal:
+    async def authenticate(self, header: bytes | None, *, deadline: float | None = None) -> Principal:
+        """The principal of a bearer key, from the cache or the store.
+
+        `deadline` (loop time) bounds the wait on the store: past it, a key seen before keeps working from
+        its stale entry (as when the store is down), and a key never seen gets a 503."""
         token = bearer_token(header)
         if token is None:
             raise AuthenticationError(_MISSING)
@@ -100,7 +104,10 @@ class Authenticator:
         else:
             generation = self._generation
             try:
-                principal = await self._load_once(digest)
+                if deadline is None:
+                    principal = await self._load_once(digest)
+                else:
+                    principal = await self._load_before(digest, deadline)
             except ServiceUnavailableError:
                 if hit is None or hit[0] is None:
                     raise
@@ -126,6 +133,14 @@ class Authenticator:
         if key.expires_at is not None and key.expires_at <= self._wall():
             raise AuthenticationError("This API key has expired.")
         return principal
+
+    async def _load_before(self, digest: str, deadline: float) -> Principal | None:
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._load_once(digest)
+        except TimeoutError:
+            # The read goes on (shielded) and fills the cache for later requests; this one stops waiting.
+            raise ServiceUnavailableError("The key store did not answer in time.", code="store_unavailable") from None
 
     async def _load_once(self, digest: str) -> Principal | None:
         loading = self._loading.get(digest)

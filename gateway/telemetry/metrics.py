@@ -140,6 +140,13 @@ class Metrics:
         self.redis_failures = Counter(
             "gateway_redis_failures", "Failed Redis calls, by component.", ["component"], registry=r
         )
+        self.settlements_owed = Gauge(
+            "gateway_quota_settlements_owed",
+            "Requests that ended while the shared quota state was unreachable, whose usage is not charged yet "
+            "(retried until it is).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.redis_degraded = Gauge(
             "gateway_redis_degraded",
             "1 while Redis is unreachable and the failure mode (label) is in force.",

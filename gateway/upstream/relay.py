@@ -261,7 +261,10 @@ class Relay:
                 if isinstance(obj, dict) and obj.get("choices") == [] and not self._wants_usage:
                     return None
         else:
-            self.outcome.content_chunks += 1
+            # One token per chunk, as vLLM streams them; the role chunk that opens a chat stream (empty
+            # content) is not one.
+            if b'"content":""' not in event:
+                self.outcome.content_chunks += 1
             if b'"finish_reason":"' in event:
                 self.outcome.finish_reason = _finish_reason(event)
         if self._model_from is not None and self._model_to is not None:

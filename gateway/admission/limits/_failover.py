@@ -6,7 +6,9 @@
 
 The first failure flips the store to degraded; after `retry_interval_s` (on the injected clock) one call
 probes Redis again, and the first success flips it back. Reservations are settled by the store that
-issued them, so requests admitted locally during an outage settle locally after recovery.
+issued them, so requests admitted locally during an outage settle locally after recovery. A settlement
+that cannot reach Redis raises `QuotaBackendError`: the caller keeps it and tries again later, so the usage
+of a request that ended during an outage is still charged once Redis is back.
 """
 
 from __future__ import annotations
@@ -57,14 +59,23 @@ class FailoverQuotaStore:
         return self._degraded
 
     async def admit(
-        self, tenant: str, scopes: Sequence[Scope], *, tokens: int, cost: float, lease_ttl_s: float = 60.0
+        self,
+        tenant: str,
+        scopes: Sequence[Scope],
+        *,
+        tokens: int,
+        cost: float,
+        lease_ttl_s: float = 60.0,
+        timeout_s: float | None = None,
     ) -> Decision:
         if not self._degraded or self._clock() >= self._retry_at:
             if self._degraded:
                 # One probe per interval: concurrent callers keep using the fallback meanwhile.
                 self._retry_at = self._clock() + self._retry_interval_s
             try:
-                decision = await self._primary.admit(tenant, scopes, tokens=tokens, cost=cost, lease_ttl_s=lease_ttl_s)
+                decision = await self._primary.admit(
+                    tenant, scopes, tokens=tokens, cost=cost, lease_ttl_s=lease_ttl_s, timeout_s=timeout_s
+                )
             except QuotaBackendError as exc:
                 self._set_degraded(True, exc)
             else:
@@ -86,9 +97,10 @@ class FailoverQuotaStore:
         try:
             return await self._primary.settle(reservation, actual_tokens=actual_tokens, actual_cost=actual_cost)
         except QuotaBackendError as exc:
-            # Nothing better to do: the leases expire on their own; this request's usage correction is lost.
+            # The caller keeps it and tries again: a settlement is idempotent, and Redis keeps an unsettled
+            # reservation (or its expired lease) long enough to be settled late.
             self._set_degraded(True, exc)
-            return False
+            raise
 
     async def renew(self, reservation: Reservation) -> bool:
         if reservation.backend == "open":

@@ -108,7 +108,14 @@ class LocalQuotaStore:
         self._next_sweep = clock() + sweep_interval_s
 
     async def admit(
-        self, tenant: str, scopes: Sequence[Scope], *, tokens: int, cost: float, lease_ttl_s: float = 60.0
+        self,
+        tenant: str,
+        scopes: Sequence[Scope],
+        *,
+        tokens: int,
+        cost: float,
+        lease_ttl_s: float = 60.0,
+        timeout_s: float | None = None,
     ) -> Decision:
         scopes = tuple(scopes)
         check_request(tenant, scopes, tokens, cost, lease_ttl_s)

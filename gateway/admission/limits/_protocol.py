@@ -12,12 +12,22 @@ __all__ = ["QuotaStore"]
 
 class QuotaStore(Protocol):
     async def admit(
-        self, tenant: str, scopes: Sequence[Scope], *, tokens: int, cost: float, lease_ttl_s: float = 60.0
+        self,
+        tenant: str,
+        scopes: Sequence[Scope],
+        *,
+        tokens: int,
+        cost: float,
+        lease_ttl_s: float = 60.0,
+        timeout_s: float | None = None,
     ) -> Decision:
         """Check every limit of every scope and, only if all pass, reserve them all at once.
 
         `tokens` is the reservation estimate (prompt estimate + max_tokens), `cost` the worst-case spend.
-        Put the tenant's scope first: headers and the settle bookkeeping lean on it.
+        Put the tenant's scope first: headers and the settle bookkeeping lean on it. `timeout_s` is the
+        longest this call may wait on shared state (what is left of the request's allowance): past it, or
+        when it is not positive, the store behaves as if the shared state were unreachable. Stores without
+        shared state ignore it.
         """
         ...
 

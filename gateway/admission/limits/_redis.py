@@ -21,6 +21,7 @@ cancelled after the script ran may have reserved: its leases expire after their 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 from collections.abc import Callable, Sequence
@@ -144,7 +145,14 @@ class RedisQuotaStore:
         return "" if self._clock is None else self._clock()
 
     async def admit(
-        self, tenant: str, scopes: Sequence[Scope], *, tokens: int, cost: float, lease_ttl_s: float = 60.0
+        self,
+        tenant: str,
+        scopes: Sequence[Scope],
+        *,
+        tokens: int,
+        cost: float,
+        lease_ttl_s: float = 60.0,
+        timeout_s: float | None = None,
     ) -> Decision:
         scopes = tuple(scopes)
         check_request(tenant, scopes, tokens, cost, lease_ttl_s)
@@ -178,7 +186,20 @@ class RedisQuotaStore:
             ]
         if self._admit is None:
             self._admit = _Script("admit")
-        out = await self._admit(self._client, self.keys(tenant, scopes), args)
+        call = self._admit(self._client, self.keys(tenant, scopes), args)
+        if timeout_s is None:
+            out = await call
+        else:
+            # Only a request that already spent part of its allowance gets a timer here; the client's own
+            # timeout bounds every other call.
+            if timeout_s <= 0:
+                call.close()
+                raise QuotaBackendError("quota backend: no time left for this request")
+            try:
+                async with asyncio.timeout(timeout_s):
+                    out = await call
+            except TimeoutError:
+                raise QuotaBackendError("quota backend unavailable: TimeoutError") from None
         headers = RateHeaders(
             limit_requests=_int(out[5]),
             remaining_requests=_int(out[6]),
