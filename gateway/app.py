@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,15 @@ from gateway.admin.console import PREFIX as CONSOLE_PREFIX
 from gateway.admin.console import Console
 from gateway.admin.stats import LiveStats
 from gateway.admission import Admission
-from gateway.admission.limits import FailoverQuotaStore, LocalQuotaStore, PipelinedRedis, QuotaStore, RedisQuotaStore
+from gateway.admission.capacity import CapacityControl
+from gateway.admission.limits import (
+    FailoverQuotaStore,
+    LocalQuotaStore,
+    PipelinedRedis,
+    QuotaStore,
+    RedisQuotaStore,
+    ReplicaLink,
+)
 from gateway.admission.tokens import counter_for
 from gateway.asgi import ClientDisconnected, Message, Receive, Scope, Send, header, send_response
 from gateway.auth import Authenticator, authorization_header, bearer_token, secret_matches
@@ -44,7 +53,8 @@ from gateway.telemetry.tracing import Tracing
 from gateway.tenancy.propagation import ChangeListener
 from gateway.tenancy.state import load_salt_secret, reconcile_config
 from gateway.tenancy.store import RedisStore, SqliteStore, Store
-from gateway.upstream import UpstreamPool
+from gateway.upstream.backends import BackendPool
+from gateway.upstream.connections import Connections
 from gateway.upstream.providers import bundled_prices, import_litellm
 from gateway.upstream.salt import SaltDeriver
 from gateway.wiring import Services, Wired, wire
@@ -90,6 +100,8 @@ class GatewayApp:
         # litellm, imported at start-up only if a `kind: litellm` backend is configured (gateway.upstream.providers).
         self._litellm: ModuleType | None = None
         self.console = Console()
+        # Set at start-up: what to tell admission when the shared queues go out of reach.
+        self._queues_lost: Callable[[str], None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -156,7 +168,8 @@ class GatewayApp:
         ledger.start()
         if self.tracing is None:
             self.tracing = Tracing.from_environment()
-        quotas, quota_client = self._quota_store(settings)
+        local = LocalQuotaStore()
+        quotas, quota_client = self._quota_store(settings, local)
         admission = Admission(
             settings=settings,
             quotas=quotas,
@@ -164,6 +177,8 @@ class GatewayApp:
             worst_cost=lambda model, prompt, output: billing.cost(model, prompt, output)[0],
             tokens=counter_for(settings),
         )
+        local.fairshare.on_grant = lambda waiter, endpoint: admission.grant(waiter, endpoint, "local")
+        self._queues_lost = admission.queues_lost
         services = Services(
             authenticator=authenticator,
             admission=admission,
@@ -190,6 +205,19 @@ class GatewayApp:
         if quota_client is not None:
             self._running.closers.append(quota_client.aclose)
         self._running.tasks.append(asyncio.create_task(self._health_loop(session)))
+        capacity = self._capacity_control(settings, quotas, admission, session)
+        admission.on_release = capacity.observe
+        await capacity.tick()  # every pool has its limits before the first request
+        self._running.tasks.append(asyncio.create_task(capacity.run()))
+        if any(b.discovery is not None for b in settings.backends):
+            self._running.tasks.append(asyncio.create_task(self._discovery_loop(session, capacity)))
+        if isinstance(quotas, FailoverQuotaStore) and settings.redis_url:
+            # This replica's end of the shared fair queues: its heartbeat and the permits granted to it.
+            blocking = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s)
+            link = ReplicaLink(quotas.primary, blocking, admission.grant, on_lapse=admission.queues_lost)
+            await link.beat()
+            self._running.tasks.append(asyncio.create_task(link.run()))
+            self._running.closers.append(blocking.aclose)
         if redis_client is not None:
             # Pub/sub needs a connection without the per-command timeout: it waits for messages.
             listener_client = aioredis.Redis.from_url(
@@ -224,9 +252,9 @@ class GatewayApp:
         if given is None or not secret_matches(given, token):
             raise AuthenticationError("The metrics endpoint needs 'Authorization: Bearer <metrics token>'.")
 
-    def _quota_store(self, settings: Settings) -> tuple[QuotaStore, PipelinedRedis | None]:
+    def _quota_store(self, settings: Settings, local: LocalQuotaStore) -> tuple[QuotaStore, PipelinedRedis | None]:
         if not settings.redis_url:
-            return LocalQuotaStore(), None
+            return local, None
         metrics = self.metrics
         mode = settings.redis_failure_mode
 
@@ -235,16 +263,74 @@ class GatewayApp:
             if degraded:
                 metrics.redis_failures.labels("quotas").inc()
                 log.warning("Redis unreachable: rate limits now in failure mode %r (%s)", mode, _MODES[mode])
+                if self._queues_lost is not None:
+                    self._queues_lost("redis")
             else:
                 log.info("Redis is back: rate limits are shared again")
 
         metrics.redis_degraded.labels(mode).set(0)
         # The admission path's own client (two scripts per request): pipelined, see gateway/limits/_resp.py.
         client = PipelinedRedis.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        replica = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         store = FailoverQuotaStore(
-            RedisQuotaStore(client), LocalQuotaStore(), mode=mode, replicas=settings.replicas, on_change=on_change
+            RedisQuotaStore(client, replica=replica), local, mode=mode, replicas=settings.replicas, on_change=on_change
         )
         return store, client
+
+    def _capacity_control(
+        self, settings: Settings, quotas: QuotaStore, admission: Admission, session: aiohttp.ClientSession
+    ) -> CapacityControl:
+        shared = isinstance(quotas, FailoverQuotaStore)
+        # Without Redis, several workers of one replica each run their own fair queue: each takes its share.
+        divide = 1 if shared else max(1, settings.workers)
+
+        async def publish(pool: str, limits: dict[str, int], lead: bool) -> tuple[int, dict[str, int], int]:
+            if isinstance(quotas, FailoverQuotaStore):
+                status = await quotas.set_capacity(pool, limits, shared=lead)
+            else:
+                share = {e: max(1, n // divide) if n else 0 for e, n in limits.items()}
+                status = await quotas.set_capacity(pool, share)
+            admission.capacity_changed(pool, status.limit)
+            return status.limit, status.held_by_endpoint, status.waiting_tenants
+
+        async def lead(pool: str) -> bool:
+            if isinstance(quotas, FailoverQuotaStore):
+                return await quotas.lead(pool, max(3.0, 12 * settings.capacity.interval_s))
+            return True
+
+        def backends() -> BackendPool:
+            assert self._running is not None
+            return self._running.wired.backends
+
+        return CapacityControl(
+            config=settings.capacity,
+            backends=backends,
+            publish=publish,
+            lead=lead,
+            metrics=self.metrics,
+            session=session,
+        )
+
+    async def _discovery_loop(self, session: aiohttp.ClientSession, capacity: CapacityControl) -> None:
+        """Re-resolve the DNS pools; probe what joins, forget what leaves."""
+        interval = min(b.discovery.interval_s for b in self.settings.backends if b.discovery is not None)
+        while True:
+            running = self._running
+            if running is None:
+                return
+            backends = running.wired.backends
+            before = {(b.name, e) for b in backends.backends.values() for e in b.endpoints}
+            try:
+                if await backends.discover():
+                    await backends.check_all(session)
+            except Exception:  # discovery must never stop
+                log.exception("endpoint discovery failed")
+            after = {(b.name, e) for b in backends.backends.values() for e in b.endpoints}
+            for name, endpoint in before - after:
+                capacity.forget(name, endpoint)
+            for name, connections in running.wired.pools.items():
+                await connections.retire({e for b, e in after if b == name})
+            await asyncio.sleep(interval)
 
     def _on_sighup(self) -> None:
         task = asyncio.create_task(self.reload_from_source())
@@ -289,8 +375,8 @@ class GatewayApp:
         )
         self.settings = settings
         running.services.authenticator.invalidate()
-        for name, (_, old_pool) in old.pools.items():
-            if running.wired.pools.get(name, (None, None))[1] is not old_pool:
+        for name, old_pool in old.pools.items():
+            if running.wired.pools.get(name) is not old_pool:
                 # In-flight requests on a replaced pool keep their connections; only idle ones close now.
                 running.tasks.append(asyncio.create_task(_close_later(old_pool, settings.shutdown_grace_s)))
         log.info("config reloaded: %d backends, %d models", len(settings.backends), len(settings.models))
@@ -310,8 +396,8 @@ class GatewayApp:
                 await task
         for close in running.closers:
             await close()
-        for _, upstream in running.wired.pools.values():
-            await upstream.close()
+        for connections in running.wired.pools.values():
+            await connections.close()
         await running.session.close()
         await running.services.billing.close()
         await running.services.ledger.close()
@@ -383,7 +469,7 @@ _MODES = {
 }
 
 
-async def _close_later(pool: UpstreamPool, delay_s: float) -> None:
+async def _close_later(pool: Connections, delay_s: float) -> None:
     await asyncio.sleep(delay_s)
     await pool.close()
 

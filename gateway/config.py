@@ -7,6 +7,7 @@ later. A bad file raises `ConfigError` whose message names the field (`backends[
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -61,11 +62,46 @@ class LimitsConfig(_Frozen):
     tokenizer: Literal["auto", "bytes", "tiktoken"] = "auto"
 
 
+_ENDPOINT = r"^https?://[^\s,|]+$"
+
+
+class DiscoveryConfig(_Frozen):
+    """A pool of endpoints found in DNS: every A/AAAA record of `dns` (a Kubernetes headless Service), on
+    `port`, re-resolved every `interval_s`; endpoints join and leave without a restart."""
+
+    dns: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9_.-]+$")
+    port: int = Field(ge=1, le=65535)
+    scheme: Literal["http", "https"] = "http"
+    interval_s: float = Field(default=5.0, gt=0, le=3600)
+
+
+class RoutingConfig(_Frozen):
+    """How a request picks an endpoint of a pool."""
+
+    # `scope`: requests whose prompts share a prefix within one cache scope go to the same endpoint (where
+    # that prefix is cached), spilling when it is loaded beyond `load_factor` x the pool's mean; separate
+    # scopes never influence each other. `none`: the least loaded endpoint.
+    affinity: Literal["scope", "none"] = "scope"
+    # How much of the prompt's beginning identifies its prefix (in tokens of ~4 characters), in blocks of
+    # `block_tokens` (the engine's KV block size).
+    prefix_tokens: int = Field(default=256, ge=16, le=65536)
+    block_tokens: int = Field(default=16, ge=1, le=1024)
+    load_factor: float = Field(default=1.25, ge=1.0, le=10.0)
+
+
 class BackendConfig(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     kind: Literal["vllm", "openai", "litellm"] = "vllm"
-    url: str = Field(pattern=r"^https?://")
-    capacity: int = Field(default=64, ge=1)
+    # One engine (`url`), a fixed pool (`endpoints`), or a pool found in DNS (`discovery`): exactly one.
+    url: str | None = Field(default=None, pattern=_ENDPOINT)
+    endpoints: tuple[str, ...] = ()
+    discovery: DiscoveryConfig | None = None
+    # The most requests all gateway replicas together send one endpoint at once. With `capacity_mode: auto`
+    # it is a ceiling, and the engine's own load (vLLM's metrics; else observed latency) sets the limit
+    # under it; with `fixed` it is the limit.
+    capacity: int = Field(default=64, ge=1, le=100_000)
+    capacity_mode: Literal["auto", "fixed"] = "auto"
+    routing: RoutingConfig = RoutingConfig()
     # For non-vLLM backends: does the server share one prefix cache across all its callers?
     shares_prefix_cache: bool = False
     # The name of the environment variable holding the backend's API key (never the key itself).
@@ -76,6 +112,16 @@ class BackendConfig(_Frozen):
 
     @model_validator(mode="after")
     def _provider_model(self) -> BackendConfig:
+        given = [f for f in ("url", "endpoints", "discovery") if getattr(self, f)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of url, endpoints or discovery")
+        for i, endpoint in enumerate(self.endpoints):
+            if not re.match(_ENDPOINT, endpoint):
+                raise ValueError(f"endpoints[{i}]: not an http(s) URL")
+        if len(set(self.endpoints)) != len(self.endpoints):
+            raise ValueError("endpoints: listed twice")
+        if self.kind == "litellm" and self.url is None:
+            raise ValueError("url: a litellm backend has one (the provider's API base)")
         if self.kind == "litellm" and (self.provider_model is None or "/" not in self.provider_model):
             raise ValueError("provider_model: a litellm backend needs one, as 'provider/model'")
         if self.kind != "litellm" and self.provider_model is not None:
@@ -173,12 +219,27 @@ class BillingConfig(_Frozen):
         return self
 
 
+class CapacityConfig(_Frozen):
+    """How the limit of each engine endpoint follows its own load (gateway/admission/capacity.py)."""
+
+    # How often the engines' metrics are read and the limits written.
+    interval_s: float = Field(default=0.25, ge=0.05, le=60)
+    # Metrics older than this count as saturated; after `stale_fallback_s`, latency governs the endpoint.
+    stale_s: float = Field(default=1.0, gt=0, le=600)
+    stale_fallback_s: float = Field(default=10.0, gt=0, le=3600)
+    # A KV cache this full counts as saturated, as waiting requests do.
+    kv_high: float = Field(default=0.95, gt=0, le=1)
+    # Where an automatic limit starts (under the backend's `capacity`), before the engine has shown its own.
+    initial: int = Field(default=8, ge=1, le=100_000)
+
+
 class Settings(_Frozen):
     listen: ListenConfig = ListenConfig()
     redis_url: str | None = None
     state_path: str = ".gateway/state.db"
     limits: LimitsConfig = LimitsConfig()
     backends: tuple[BackendConfig, ...] = ()
+    capacity: CapacityConfig = CapacityConfig()
     models: tuple[ModelConfig, ...] = ()
     tenants: tuple[TenantConfig, ...] = ()
     billing: BillingConfig = BillingConfig()

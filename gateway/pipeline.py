@@ -47,13 +47,13 @@ from gateway.upstream import (
     UPSTREAM_FAILED,
     DirectWriter,
     Relay,
-    UpstreamPool,
     Usage,
     backend_headers,
     error_from_backend,
     usage_from,
 )
 from gateway.upstream.backends import Backend, BackendPool
+from gateway.upstream.connections import Connections
 from gateway.upstream.salt import SaltDeriver
 from gateway.wire import httpclient
 
@@ -133,7 +133,7 @@ class InferenceHandler:
         authenticator: Authenticator,
         admission: Admission,
         backends: BackendPool,
-        pools: Mapping[str, UpstreamPool],
+        connections: Mapping[str, Connections],
         backend_keys: Mapping[str, str],
         salts: SaltDeriver,
         billing: Billing,
@@ -147,7 +147,7 @@ class InferenceHandler:
         self._auth = authenticator
         self._admission = admission
         self._backends = backends
-        self._pools = pools
+        self._connections = connections
         self._backend_keys = backend_keys
         self._salts = salts
         self._billing = billing
@@ -191,7 +191,16 @@ class InferenceHandler:
         model = self._authorise(principal, request.model, record)
         if record.span is not None:
             Tracing.identify(record.span, record.endpoint, model.name, principal.tenant_id)
-        placement = await self._admission.place(principal, request, model, receive=receive, deadline=deadline)
+        cache_scope = principal.cache_scope()
+        placement = await self._admission.place(
+            principal,
+            request,
+            model,
+            receive=receive,
+            # Prefix affinity works within the request's cache scope (named by its salt), never across.
+            scope_salt="" if cache_scope is None else self._salts.derive(cache_scope),
+            deadline=deadline,
+        )
         record.placement = placement
         record.model_label = placement.model.name
         record.event_id = "evt_" + os.urandom(12).hex()
@@ -236,9 +245,10 @@ class InferenceHandler:
             scope=placement.principal.cache_scope(),
         )
 
-    def _failed_to_answer(self, backend: Backend, exc: httpclient.UpstreamError) -> _Failover:
+    def _failed_to_answer(self, placement: Placement, exc: httpclient.UpstreamError) -> _Failover:
+        backend = placement.backend
         self._metrics.upstream_errors.labels(backend.name, type(exc).__name__).inc()
-        self._backends.failed(backend)
+        self._backends.failed(backend, placement.endpoint)
         reason = _FAILURE_REASONS.get(type(exc).__name__, "connect_error")
         return _Failover(reason, UpstreamError(UPSTREAM_FAILED))
 
@@ -255,7 +265,7 @@ class InferenceHandler:
         backend, model = placement.backend, placement.model
         headers = backend_headers(backend, record.request_id, self._backend_keys.get(backend.name))
         payload = self._payload(request, placement)
-        pool = self._pools[backend.name]
+        pool = self._connections[backend.name].to(placement.endpoint.id)
         try:
             with self._tracing.client_span(request.endpoint, model.upstream_name, backend.name, backend.config.kind):
                 # From here the backend may be working on it: a client or a gateway that stops waiting still
@@ -266,8 +276,8 @@ class InferenceHandler:
                     data = await resp.read()
         except httpclient.UpstreamError as exc:
             record.processed = False
-            raise self._failed_to_answer(backend, exc) from None
-        self._backends.succeeded(backend)
+            raise self._failed_to_answer(placement, exc) from None
+        self._backends.succeeded(backend, placement.endpoint)
         self._metrics.child(self._metrics.upstream_latency, backend.name).observe(time.perf_counter() - record.started)
         if status >= 400:
             record.processed = False
@@ -301,11 +311,12 @@ class InferenceHandler:
 
         async def forward() -> None:
             with self._tracing.client_span(request.endpoint, model.upstream_name, backend.name, backend.config.kind):
+                pool = self._connections[backend.name].to(placement.endpoint.id)
                 try:
-                    resp = await self._pools[backend.name].request("POST", _PATHS[request.endpoint], payload, headers)
+                    resp = await pool.request("POST", _PATHS[request.endpoint], payload, headers)
                 except httpclient.UpstreamError as exc:
-                    raise self._failed_to_answer(backend, exc) from None
-                self._backends.succeeded(backend)
+                    raise self._failed_to_answer(placement, exc) from None
+                self._backends.succeeded(backend, placement.endpoint)
                 async with resp:
                     self._metrics.child(self._metrics.upstream_latency, backend.name).observe(
                         time.perf_counter() - started
@@ -381,6 +392,13 @@ class InferenceHandler:
             m.child(m.tokens, tenant, model, "cached").inc(usage.cached_tokens)
         if cost:
             m.child(m.spend, tenant, currency).inc(cost)
+        if record.processed or record.engine_usage is not None:
+            endpoint = placement.endpoint.id.split("://", 1)[-1]
+            m.child(m.endpoint_requests, backend, endpoint).inc()
+            if usage.prompt_tokens:
+                m.child(m.endpoint_tokens, backend, endpoint, "prompt").inc(usage.prompt_tokens)
+            if usage.cached_tokens:
+                m.child(m.endpoint_tokens, backend, endpoint, "cached").inc(usage.cached_tokens)
         principal = placement.principal
         self._ledger.record(
             principal.tenant_id,

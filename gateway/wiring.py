@@ -10,6 +10,7 @@ that started on the previous handler finish on it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -18,19 +19,20 @@ from gateway.admission import Admission
 from gateway.auth import Authenticator
 from gateway.billing import Billing
 from gateway.billing.ledger import UsageLedger
-from gateway.config import BackendConfig, Settings
+from gateway.config import BackendConfig, LimitsConfig, Settings
 from gateway.pipeline import InferenceHandler
 from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.tracing import Tracing
 from gateway.upstream import UpstreamPool
 from gateway.upstream.backends import BackendPool
+from gateway.upstream.connections import Connections
 from gateway.upstream.providers import LitellmPool
 from gateway.upstream.salt import SaltDeriver
 from gateway.wire import httpclient
 
 __all__ = ["Pools", "Services", "Wired", "backend_keys", "wire"]
 
-Pools = dict[str, tuple[BackendConfig, UpstreamPool]]
+Pools = dict[str, Connections]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,7 +78,7 @@ async def wire(
         authenticator=services.authenticator,
         admission=services.admission,
         backends=backends,
-        pools={name: pool for name, (_, pool) in pools.items()},
+        connections=pools,
         backend_keys=backend_keys(settings),
         salts=services.salts,
         billing=services.billing,
@@ -89,34 +91,41 @@ async def wire(
 
 
 def _pools(settings: Settings, previous: Pools, litellm: ModuleType | None) -> Pools:
-    """One keep-alive pool per backend (with its config); a reload keeps the pools whose backend did not
-    change. A `kind: litellm` backend gets litellm behind the same interface."""
+    """Connections to each backend's endpoints; a reload keeps those of backends that did not change. A
+    `kind: litellm` backend gets litellm behind the same interface."""
     pools: Pools = {}
-    limits = settings.limits
     for backend in settings.backends:
         old = previous.get(backend.name)
-        if old is not None and old[0] == backend:
+        if old is not None and old.config == backend:
             pools[backend.name] = old
-            continue
-        pool: UpstreamPool
-        if backend.kind == "litellm":
+        elif backend.kind == "litellm":
             if litellm is None:
                 raise RuntimeError("litellm backends need litellm imported first (gateway.upstream.providers)")
             key = settings.env_secrets.get(backend.api_key_env) if backend.api_key_env else None
-            pool = LitellmPool(backend, key, litellm, read_timeout_s=limits.read_timeout_s)
+            make = functools.partial(_open_provider, backend, key, litellm, settings.limits)
+            pools[backend.name] = Connections(backend, make, shared=True)
         else:
-            pool = httpclient.Pool(
-                backend.url,
-                # As many idle connections as this worker may have requests at the backend: a burst of
-                # streams that ends leaves its connections for the next one instead of closing most of them.
-                max_idle=max(16, backend.capacity // max(1, settings.workers)),
-                connect_timeout_s=limits.connect_timeout_s,
-                read_timeout_s=limits.read_timeout_s,
-                # vLLM, uvicorn and the simulator drop idle connections after 5 s: retire ours first.
-                idle_timeout_s=4.0,
-            )
-        pools[backend.name] = (backend, pool)
+            pools[backend.name] = Connections(backend, functools.partial(_open_http, backend, settings.limits))
     return pools
+
+
+def _open_http(backend: BackendConfig, limits: LimitsConfig, url: str) -> UpstreamPool:
+    return httpclient.Pool(
+        url,
+        # As many idle connections as this process may have requests at one engine: a burst of streams that
+        # ends leaves its connections for the next one instead of closing most of them.
+        max_idle=max(16, backend.capacity),
+        connect_timeout_s=limits.connect_timeout_s,
+        read_timeout_s=limits.read_timeout_s,
+        # vLLM, uvicorn and the simulator drop idle connections after 5 s: retire ours first.
+        idle_timeout_s=4.0,
+    )
+
+
+def _open_provider(
+    backend: BackendConfig, key: str | None, litellm: ModuleType, limits: LimitsConfig, _: str
+) -> UpstreamPool:
+    return LitellmPool(backend, key, litellm, read_timeout_s=limits.read_timeout_s)
 
 
 def backend_keys(settings: Settings) -> dict[str, str]:

@@ -263,11 +263,14 @@ def test_noisy_neighbour_gets_429s_quiet_tenant_none(gw: GatewayProc) -> None:
     noisy = tenant_with_key(gw.url, gw.admin_key, "noisy", limits={"rpm": 10})
     quiet = tenant_with_key(gw.url, gw.admin_key, "quiet", limits={"rpm": 20})
     noisy_codes, quiet_codes = [], []
+    started = time.monotonic()
     for i in range(30):
         noisy_codes.append(post(gw, noisy).status_code)
         if i % 3 == 0:
             quiet_codes.append(post(gw, quiet).status_code)
-    assert noisy_codes.count(200) == 10 and noisy_codes.count(429) == 20
+    # rpm 10 refills one request every 6 s: a slow run may earn the noisy tenant one or two more.
+    refilled = int((time.monotonic() - started) // 6)
+    assert 10 <= noisy_codes.count(200) <= 10 + refilled and noisy_codes.count(200) + noisy_codes.count(429) == 30
     assert set(quiet_codes) == {200}
 
 
@@ -302,7 +305,10 @@ def test_queue_full_and_queue_timeout(slow_gw: tuple[GatewayProc, SimHandle]) ->
     results: list[httpx.Response] = []
     waiter = threading.Thread(target=lambda: results.append(post(gw, key)))
     waiter.start()
-    time.sleep(0.1)
+    deadline = time.monotonic() + 5
+    while metric(gw, 'gateway_queued_requests{tenant="queued"}') != 1:  # the waiter is in the queue
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     full = post(gw, key)
     assert full.status_code == 429 and "queue" in full.json()["error"]["message"]
     assert int(full.headers["retry-after-ms"]) >= 50
@@ -432,10 +438,13 @@ async def test_refreshed_principals_of_one_key_are_not_kept_alive() -> None:
         }
     )
     metrics = Metrics()
-    admission = Admission(settings=settings, quotas=LocalQuotaStore(), metrics=metrics, worst_cost=lambda *_: 0.0)
+    quotas = LocalQuotaStore()
+    admission = Admission(settings=settings, quotas=quotas, metrics=metrics, worst_cost=lambda *_: 0.0)
     backends = BackendPool(settings, metrics)
-    backends.backends["sim"].healthy = True
+    for endpoint in backends.backends["sim"].endpoints.values():
+        endpoint.healthy = True
     admission.reconfigure(settings, backends)
+    await quotas.set_capacity("sim", {"http://127.0.0.1:9": 4})
     model = settings.models[0]
     request = parse_request("chat", b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}', 1000)
     tenant = Tenant(id="t", limits=Quotas(rpm=10**9, tpm=10**12)).model_dump_json()

@@ -140,6 +140,60 @@ class Metrics:
         self.redis_failures = Counter(
             "gateway_redis_failures", "Failed Redis calls, by component.", ["component"], registry=r
         )
+        self.capacity_limit = Gauge(
+            "gateway_capacity_limit",
+            "Requests all replicas together may have at a backend's engines now (the sum of its endpoints' limits).",
+            ["backend"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.capacity_waiting = Gauge(
+            "gateway_capacity_waiting_tenants",
+            "Tenants with requests waiting in a backend's fair queue, across all replicas.",
+            ["backend"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.endpoint_limit = Gauge(
+            "gateway_endpoint_limit",
+            "Requests all replicas together may have at one engine endpoint now (0: down or ejected).",
+            ["backend", "endpoint"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.endpoint_held = Gauge(
+            "gateway_endpoint_permits",
+            "Requests all replicas together have at one engine endpoint now.",
+            ["backend", "endpoint"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.engine_requests = Gauge(
+            "gateway_engine_requests",
+            "The engine's own count of requests running and waiting inside it (vLLM's metrics).",
+            ["backend", "endpoint", "state"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.engine_kv_usage = Gauge(
+            "gateway_engine_kv_cache_usage_ratio",
+            "The engine's KV-cache usage (0-1), as it reports it.",
+            ["backend", "endpoint"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.endpoint_requests = Counter(
+            "gateway_endpoint_requests",
+            "Requests served by one engine endpoint.",
+            ["backend", "endpoint"],
+            registry=r,
+        )
+        self.endpoint_tokens = Counter(
+            "gateway_endpoint_tokens",
+            "Prompt tokens processed by one engine endpoint, and how many of them its prefix cache held (cached).",
+            ["backend", "endpoint", "kind"],
+            registry=r,
+        )
         self.settlements_owed = Gauge(
             "gateway_quota_settlements_owed",
             "Requests that ended while the shared quota state was unreachable, whose usage is not charged yet "

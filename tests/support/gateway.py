@@ -36,7 +36,9 @@ def start_gateway(
     admin_key: str = "sk-admin-test-0123456789",
     wait: bool = True,
     extra_args: tuple[str, ...] = (),
+    wrap: tuple[str, ...] = (),
 ) -> GatewayProc:
+    """`wrap` is a command the gateway's command line is appended to (e.g. `unshare ...`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = {"state_path": str(workdir / "state.db"), **config, "listen": {"host": "127.0.0.1", "port": port}}
@@ -47,7 +49,8 @@ def start_gateway(
         "GATEWAY_SALT_SECRET": "test-salt-secret-0123456789abcdef",
         **(env or {}),
     }
-    proc = Proc(python_cmd("serve", "--config", str(config_path), *extra_args), workdir / "gateway.log", full_env)
+    command = [*wrap, *python_cmd("serve", "--config", str(config_path), *extra_args)]
+    proc = Proc(command, workdir / "gateway.log", full_env)
     proc.start()
     if wait:
         try:

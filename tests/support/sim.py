@@ -18,15 +18,16 @@ __all__ = ["SimHandle", "running_sim", "start_sim"]
 class SimHandle:
     """A running simulator: its base URL (without /v1) and its control endpoints."""
 
-    def __init__(self, proc: Proc, port: int) -> None:
+    def __init__(self, proc: Proc, port: int, host: str = "127.0.0.1") -> None:
         self.proc = proc
         self.port = port
+        self.host = host
         # One pooled client: a new httpx client per call costs tens of milliseconds (TLS context).
         self.http = httpx.Client(base_url=self.url, timeout=10)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def base_url(self) -> str:
@@ -93,18 +94,18 @@ class SimHandle:
         return result
 
 
-def start_sim(*extra_args: str, log_dir: Path, port: int | None = None) -> SimHandle:
-    """Launch `gateway sim --port <free> *extra_args` and wait for /health."""
+def start_sim(*extra_args: str, log_dir: Path, port: int | None = None, host: str = "127.0.0.1") -> SimHandle:
+    """Launch `gateway sim --host <host> --port <free> *extra_args` and wait for /health."""
     port = port or free_port()
-    log_path = log_dir / f"sim-{port}.log"
-    proc = Proc(python_cmd("sim", "--host", "127.0.0.1", "--port", str(port), *extra_args), log_path)
+    log_path = log_dir / f"sim-{host}-{port}.log"
+    proc = Proc(python_cmd("sim", "--host", host, "--port", str(port), *extra_args), log_path)
     proc.start()
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", timeout=15, proc=proc.popen)
+        wait_http(f"http://{host}:{port}/health", timeout=15, proc=proc.popen)
     except Exception:
         proc.kill()
         raise RuntimeError("the simulator did not start:\n" + proc.output()) from None
-    return SimHandle(proc, port)
+    return SimHandle(proc, port, host)
 
 
 @contextmanager

@@ -13,6 +13,7 @@ of a request that ended during an outage is still charged once Redis is back.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +21,17 @@ from typing import Literal
 
 from gateway.admission.limits._local import LocalQuotaStore
 from gateway.admission.limits._redis import RedisQuotaStore
-from gateway.admission.limits._types import Decision, QuotaBackendError, RateHeaders, Reservation, Scope
+from gateway.admission.limits._types import (
+    Decision,
+    Permit,
+    PlaceAsk,
+    PoolStatus,
+    QuotaBackendError,
+    RateHeaders,
+    Release,
+    Reservation,
+    Scope,
+)
 
 __all__ = ["FailoverQuotaStore", "FailureMode"]
 
@@ -58,6 +69,10 @@ class FailoverQuotaStore:
     def degraded(self) -> bool:
         return self._degraded
 
+    @property
+    def primary(self) -> RedisQuotaStore:
+        return self._primary
+
     async def admit(
         self,
         tenant: str,
@@ -67,6 +82,7 @@ class FailoverQuotaStore:
         cost: float,
         lease_ttl_s: float = 60.0,
         timeout_s: float | None = None,
+        place: PlaceAsk | None = None,
     ) -> Decision:
         if not self._degraded or self._clock() >= self._retry_at:
             if self._degraded:
@@ -74,7 +90,13 @@ class FailoverQuotaStore:
                 self._retry_at = self._clock() + self._retry_interval_s
             try:
                 decision = await self._primary.admit(
-                    tenant, scopes, tokens=tokens, cost=cost, lease_ttl_s=lease_ttl_s, timeout_s=timeout_s
+                    tenant,
+                    scopes,
+                    tokens=tokens,
+                    cost=cost,
+                    lease_ttl_s=lease_ttl_s,
+                    timeout_s=timeout_s,
+                    place=place,
                 )
             except QuotaBackendError as exc:
                 self._set_degraded(True, exc)
@@ -85,33 +107,113 @@ class FailoverQuotaStore:
             raise QuotaBackendError("quota backend unavailable")
         if self._mode == "open":
             reservation = Reservation("open", tenant, tuple(scopes), tokens, cost, lease_ttl_s, backend="open")
-            return Decision(allowed=True, reservation=reservation, headers=RateHeaders())
+            if place is None:
+                return Decision(allowed=True, reservation=reservation, headers=RateHeaders())
+            # No limits, but the engines' capacity still holds: this replica's share of it, in process.
+            placed = await self._fallback.admit(tenant, (), tokens=tokens, cost=cost, place=place)
+            return dataclasses.replace(placed, reservation=reservation if placed.allowed else None)
         shares = [Scope(s.name, s.limits.divided(self._replicas)) for s in scopes]
-        return await self._fallback.admit(tenant, shares, tokens=tokens, cost=cost, lease_ttl_s=lease_ttl_s)
+        return await self._fallback.admit(
+            tenant, shares, tokens=tokens, cost=cost, lease_ttl_s=lease_ttl_s, place=place
+        )
 
-    async def settle(self, reservation: Reservation, *, actual_tokens: int, actual_cost: float) -> bool:
-        if reservation.backend == "open":
+    async def settle(
+        self,
+        reservation: Reservation | None,
+        *,
+        actual_tokens: int,
+        actual_cost: float,
+        release: Release | None = None,
+    ) -> bool:
+        if reservation is not None and reservation.backend == "open":
+            reservation = None
+        where = reservation.backend if reservation is not None else None
+        permit_where = release.permit.origin if release is not None else None
+        if where is not None and permit_where is not None and where != permit_where:
+            # Admitted by one store, placed by the other (Redis went away or came back in between).
+            settled = await self._settle_in(where, reservation, actual_tokens, actual_cost, None)
+            await self._settle_in(permit_where, None, actual_tokens, actual_cost, release)
+            return settled
+        store = where or permit_where
+        if store is None:
             return True
-        if reservation.backend == "local":
-            return await self._fallback.settle(reservation, actual_tokens=actual_tokens, actual_cost=actual_cost)
+        return await self._settle_in(store, reservation, actual_tokens, actual_cost, release)
+
+    async def _settle_in(
+        self,
+        store: str,
+        reservation: Reservation | None,
+        actual_tokens: int,
+        actual_cost: float,
+        release: Release | None,
+    ) -> bool:
+        if store == "local":
+            return await self._fallback.settle(
+                reservation, actual_tokens=actual_tokens, actual_cost=actual_cost, release=release
+            )
         try:
-            return await self._primary.settle(reservation, actual_tokens=actual_tokens, actual_cost=actual_cost)
+            return await self._primary.settle(
+                reservation, actual_tokens=actual_tokens, actual_cost=actual_cost, release=release
+            )
         except QuotaBackendError as exc:
             # The caller keeps it and tries again: a settlement is idempotent, and Redis keeps an unsettled
             # reservation (or its expired lease) long enough to be settled late.
             self._set_degraded(True, exc)
             raise
 
-    async def renew(self, reservation: Reservation) -> bool:
-        if reservation.backend == "open":
-            return True
-        if reservation.backend == "local":
-            return await self._fallback.renew(reservation)
+    async def renew(self, reservation: Reservation | None, permit: Permit | None = None, *, ttl_s: float = 0.0) -> bool:
+        if reservation is not None and reservation.backend == "open":
+            reservation = None
+        renewed = True
+        for store, lease, held in (
+            (reservation.backend if reservation is not None else None, reservation, None),
+            (permit.origin if permit is not None else None, None, permit),
+        ):
+            if store is None:
+                continue
+            ttl = reservation.lease_ttl_s if reservation is not None else ttl_s
+            try:
+                target = self._fallback if store == "local" else self._primary
+                renewed = await target.renew(lease, held, ttl_s=ttl) and renewed
+            except QuotaBackendError as exc:
+                self._set_degraded(True, exc)
+                renewed = False
+        return renewed
+
+    async def cancel(self, place: PlaceAsk, origin: str = "") -> bool:
+        if origin == "local":
+            return await self._fallback.cancel(place)
         try:
-            return await self._primary.renew(reservation)
+            return await self._primary.cancel(place)
+        except QuotaBackendError as exc:
+            # Redis is gone with its queue: the request no longer waits there.
+            self._set_degraded(True, exc)
+            return True
+
+    async def lead(self, pool: str, ttl_s: float) -> bool:
+        """Whether this replica runs the pool's capacity control; never while Redis is away."""
+        if self._degraded:
+            return False
+        try:
+            return await self._primary.lead(pool, ttl_s)
         except QuotaBackendError as exc:
             self._set_degraded(True, exc)
             return False
+
+    async def set_capacity(
+        self, pool: str, limits: dict[str, int], *, load_factor: float = 1.25, shared: bool = True
+    ) -> PoolStatus:
+        """This replica's share of the pool (used while Redis is down), and, when `shared` (this replica runs
+        the pool's capacity control), the pool's limits in Redis for every replica."""
+        share = {endpoint: max(1, limit // self._replicas) for endpoint, limit in limits.items()}
+        status = await self._fallback.set_capacity(pool, share, load_factor=load_factor)
+        if not shared or self._degraded:
+            return status
+        try:
+            return await self._primary.set_capacity(pool, limits, load_factor=load_factor)
+        except QuotaBackendError as exc:
+            self._set_degraded(True, exc)
+            return status
 
     async def close(self) -> None:
         await self._primary.close()

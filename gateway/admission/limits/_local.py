@@ -14,13 +14,20 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
+from gateway.admission.limits._fairshare import LocalFairShare
 from gateway.admission.limits._period import period_window
 from gateway.admission.limits._types import (
     Decision,
     LimitName,
+    Permit,
+    Place,
+    PlaceAsk,
+    PoolStatus,
     QuotaLimits,
     RateHeaders,
+    Release,
     Reservation,
     Scope,
     check_request,
@@ -106,6 +113,8 @@ class LocalQuotaStore:
         self._expired: dict[tuple[str, str], float] = {}  # (tenant, member) -> forget after
         self._sweep_interval_s = sweep_interval_s
         self._next_sweep = clock() + sweep_interval_s
+        # The backends' fair queues (the same clock: leases of permits expire like quota leases).
+        self.fairshare = LocalFairShare(clock=clock)
 
     async def admit(
         self,
@@ -116,9 +125,10 @@ class LocalQuotaStore:
         cost: float,
         lease_ttl_s: float = 60.0,
         timeout_s: float | None = None,
+        place: PlaceAsk | None = None,
     ) -> Decision:
         scopes = tuple(scopes)
-        check_request(tenant, scopes, tokens, cost, lease_ttl_s)
+        check_request(tenant, scopes, tokens, cost, lease_ttl_s, allow_no_scopes=place is not None)
         now, wall = self._clock(), self._wall_clock()
         self._housekeeping(now, wall)
         views = [self._view(tenant, scope, i == 0, now, wall) for i, scope in enumerate(scopes)]
@@ -178,6 +188,19 @@ class LocalQuotaStore:
                 retry_after_s=0.0 if exceeds else _us(retry),
                 exceeds_limit=exceeds,
             )
+        if place is not None:
+            # The fair queue decides before anything is reserved: a full queue refuses the whole admission.
+            placed, _, ahead, backlog = self.fairshare.place(place, commit=False)
+            if placed == "full":
+                return Decision(
+                    allowed=False,
+                    reservation=None,
+                    headers=_headers(views, now),
+                    limit="queue_full",
+                    place="full",
+                    ahead=ahead,
+                    backlog=backlog,
+                )
         reservation = Reservation(
             id=secrets.token_hex(12),
             tenant=tenant,
@@ -189,10 +212,37 @@ class LocalQuotaStore:
         )
         for i, v in enumerate(views):
             self._reserve(v, i == 0, reservation, now)
-        return Decision(allowed=True, reservation=reservation, headers=_headers(views, now))
+        if place is None:
+            return Decision(allowed=True, reservation=reservation, headers=_headers(views, now))
+        placed, permit, ahead, backlog = self.fairshare.place(place, commit=True)
+        return Decision(
+            allowed=True,
+            reservation=reservation if scopes else None,
+            headers=_headers(views, now),
+            place=cast(Place, placed),
+            permit=permit,
+            ahead=ahead,
+            backlog=backlog,
+        )
 
-    async def settle(self, reservation: Reservation, *, actual_tokens: int, actual_cost: float) -> bool:
+    async def settle(
+        self,
+        reservation: Reservation | None,
+        *,
+        actual_tokens: int,
+        actual_cost: float,
+        release: Release | None = None,
+    ) -> bool:
         check_usage(actual_tokens, actual_cost)
+        if reservation is None:
+            return release is not None and self.fairshare.release(release)
+        if not self._settle_quotas(reservation, actual_tokens, actual_cost):
+            return False
+        if release is not None:
+            self.fairshare.release(release)
+        return True
+
+    def _settle_quotas(self, reservation: Reservation, actual_tokens: int, actual_cost: float) -> bool:
         now, wall = self._clock(), self._wall_clock()
         tenant, member = reservation.tenant, reservation.member
         first = self._drop_lease(self._states.get((tenant, reservation.scopes[0].name)), member)
@@ -213,7 +263,12 @@ class LocalQuotaStore:
                 self._current_spend(tenant, scope, wall).spent += actual_cost
         return True
 
-    async def renew(self, reservation: Reservation) -> bool:
+    async def renew(self, reservation: Reservation | None, permit: Permit | None = None, *, ttl_s: float = 0.0) -> bool:
+        renewed = True
+        if permit is not None:
+            renewed = self.fairshare.renew(permit, reservation.lease_ttl_s if reservation is not None else ttl_s)
+        if reservation is None:
+            return renewed
         now = self._clock()
         tenant, member = reservation.tenant, reservation.member
         first = self._states.get((tenant, reservation.scopes[0].name))
@@ -228,6 +283,14 @@ class LocalQuotaStore:
                 heapq.heappush(state.heap, (expiry, member))
                 state.expires = max(state.expires, expiry + TTL_MARGIN_S)
         return True
+
+    async def cancel(self, place: PlaceAsk, origin: str = "") -> bool:
+        return self.fairshare.cancel(place)
+
+    async def set_capacity(
+        self, pool: str, limits: dict[str, int], *, load_factor: float = 1.25, ttl_s: float = 3600.0
+    ) -> PoolStatus:
+        return self.fairshare.set_capacity(pool, limits, load_factor=load_factor)
 
     async def close(self) -> None:
         self._states.clear()

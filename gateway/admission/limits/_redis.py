@@ -8,6 +8,11 @@ one Redis Cluster slot, so a script may touch them together):
     gw:{acme}:budget:tenant:acme   hash  budget period id and the spend in it
     gw:{acme}:expired              zset  leases that expired unsettled, kept an hour for a late settle
 
+and, for each backend pool, its fair queue (lua/fairshare.lua: permits, loads, limits, counters, queues)
+under `gw:pool:{<backend>}:`, with `gw:replicas` (the live replicas) and `gw:grants:<replica>` (permits
+granted to a replica's waiting requests, popped by its `GrantListener`). A request's quotas and its permit
+are decided by one script evaluation (admit.lua), and given back by one (settle.lua).
+
 Every key has a TTL: state and leases until the buckets are full and the last lease ends, budgets until
 their period ends. Scripts (lua/*.lua) are sent by EVALSHA; a NOSCRIPT answer (first use, a restarted
 or failed-over server) loads them once and retries. Production uses the Redis server's clock (`TIME`),
@@ -37,8 +42,13 @@ from redis.exceptions import NoScriptError, RedisError
 from gateway.admission.limits._types import (
     Decision,
     LimitName,
+    Permit,
+    Place,
+    PlaceAsk,
+    PoolStatus,
     QuotaBackendError,
     RateHeaders,
+    Release,
     Reservation,
     Scope,
     check_request,
@@ -75,7 +85,8 @@ def fast_fail_client(url: str, *, timeout_s: float = 0.25, **kwargs: Any) -> Red
 @cache
 def _source(name: str) -> str:
     lua = resources.files("gateway.admission.limits") / "lua"
-    return (lua / "common.lua").read_text("utf-8") + "\n" + (lua / f"{name}.lua").read_text("utf-8")
+    parts = ("common", "fairshare", name)
+    return "\n".join((lua / f"{part}.lua").read_text("utf-8") for part in parts)
 
 
 class _Script:
@@ -119,19 +130,39 @@ def _seconds(value: Any) -> float | None:
 
 class RedisQuotaStore:
     def __init__(
-        self, client: ScriptClient, *, key_prefix: str = "gw", clock: Callable[[], float] | None = None
+        self,
+        client: ScriptClient,
+        *,
+        key_prefix: str = "gw",
+        replica: str = "r",
+        clock: Callable[[], float] | None = None,
     ) -> None:
         """`client` belongs to the caller (`PipelinedRedis`, or redis-py's from `fast_fail_client`); `close()`
-        leaves it open.
+        leaves it open. `replica` names this process in the fair queues (its grant list, its heartbeat).
 
         `clock` is for tests only: its time replaces the server's `TIME` inside the scripts.
         """
         self._client = client
         self._prefix = key_prefix
+        self.replica = replica
         self._clock = clock
         self._admit: _Script | None = None
         self._settle: _Script | None = None
         self._renew: _Script | None = None
+        self._cancel: _Script | None = None
+        self._capacity: _Script | None = None
+        self._beat: _Script | None = None
+        self._lead: _Script | None = None
+        self.replicas_key = f"{key_prefix}:replicas"
+        self.grants_prefix = f"{key_prefix}:grants:"
+
+    def pool_prefix(self, pool: str) -> str:
+        return f"{self._prefix}:pool:{{{pool}}}:"
+
+    @property
+    def grants_key(self) -> str:
+        """The list this replica's grant listener pops."""
+        return self.grants_prefix + self.replica
 
     def keys(self, tenant: str, scopes: Sequence[Scope]) -> list[str]:
         """The keys the scripts touch, in their calling convention (lua/common.lua)."""
@@ -153,9 +184,10 @@ class RedisQuotaStore:
         cost: float,
         lease_ttl_s: float = 60.0,
         timeout_s: float | None = None,
+        place: PlaceAsk | None = None,
     ) -> Decision:
         scopes = tuple(scopes)
-        check_request(tenant, scopes, tokens, cost, lease_ttl_s)
+        check_request(tenant, scopes, tokens, cost, lease_ttl_s, allow_no_scopes=place is not None)
         reservation = Reservation(
             id=secrets.token_hex(12),
             tenant=tenant,
@@ -184,6 +216,10 @@ class RedisQuotaStore:
                 repr(lim.budget_amount) if budget else "",
                 lim.budget_period if budget else "",
             ]
+        if place is None:
+            args.append(0)
+        else:
+            args += self._place_args(place)
         if self._admit is None:
             self._admit = _Script("admit")
         call = self._admit(self._client, self.keys(tenant, scopes), args)
@@ -208,48 +244,172 @@ class RedisQuotaStore:
             remaining_tokens=_int(out[9]),
             reset_tokens_s=_seconds(out[10]),
         )
+        placed = _str(out[11]) if place is not None else ""
+        permit = None
+        if placed == "granted" and place is not None:
+            permit = Permit(place.pools[int(out[12]) - 1].pool, _str(out[13]), place.waiter, origin="redis")
         if int(out[0]) == 1:
-            return Decision(allowed=True, reservation=reservation, headers=headers)
+            return Decision(
+                allowed=True,
+                reservation=reservation if scopes else None,
+                headers=headers,
+                place=cast(Place, placed),
+                permit=permit,
+                ahead=int(out[14]) if place is not None else 0,
+                backlog=int(out[15]) if place is not None else 0,
+                origin="redis",
+            )
+        where = int(out[2])
         return Decision(
             allowed=False,
             reservation=None,
             headers=headers,
             limit=cast(LimitName, _str(out[1])),
-            scope=scopes[int(out[2]) - 1].name,
+            scope=scopes[where - 1].name if where >= 1 else None,
             retry_after_s=int(out[3]) / 1e6,
             exceeds_limit=int(out[4]) == 1,
+            place=cast(Place, placed),
+            ahead=int(out[14]) if place is not None else 0,
+            backlog=int(out[15]) if place is not None else 0,
+            origin="redis",
         )
 
-    async def settle(self, reservation: Reservation, *, actual_tokens: int, actual_cost: float) -> bool:
+    def _place_args(self, place: PlaceAsk) -> list[str | int | float]:
+        args: list[str | int | float] = [
+            len(place.pools),
+            place.waiter,
+            self.replica,
+            place.tenant,
+            repr(float(place.weight)),
+            str(place.band),
+            repr(float(place.cost)),
+            repr(float(place.lease_ttl_s)),
+            "" if place.max_queue_depth is None else place.max_queue_depth,
+            1 if place.spill else 0,
+            repr(float(place.load_factor)),
+            self.replicas_key,
+            self.grants_prefix,
+        ]
+        for pool in place.pools:
+            args += [self.pool_prefix(pool.pool), ",".join(pool.ranking)]
+        return args
+
+    async def settle(
+        self,
+        reservation: Reservation | None,
+        *,
+        actual_tokens: int,
+        actual_cost: float,
+        release: Release | None = None,
+    ) -> bool:
         check_usage(actual_tokens, actual_cost)
+        if reservation is None and release is None:
+            return False
+        scopes = reservation.scopes if reservation is not None else ()
+        tenant = reservation.tenant if reservation is not None else release.tenant  # type: ignore[union-attr]
         args: list[str | int | float] = [
             self._now(),
-            reservation.member,
-            reservation.tokens,
-            repr(reservation.cost),
+            reservation.member if reservation is not None else "",
+            reservation.tokens if reservation is not None else 0,
+            repr(reservation.cost) if reservation is not None else "0.0",
             actual_tokens,
             repr(float(actual_cost)),
-            len(reservation.scopes),
+            len(scopes),
         ]
-        for scope in reservation.scopes:
+        for scope in scopes:
             lim = scope.limits
             args += [_opt(lim.tpm), lim.budget_period if lim.budget_amount is not None else ""]
+        if release is None:
+            args.append(0)
+        else:
+            args += [
+                1,
+                self.pool_prefix(release.permit.pool),
+                release.permit.member,
+                release.tenant,
+                repr(float(release.weight)),
+                str(release.band),
+                repr(float(release.estimate)),
+                repr(float(release.actual)),
+                repr(float(release.load_factor)),
+                self.replicas_key,
+                self.grants_prefix,
+            ]
         if self._settle is None:
             self._settle = _Script("settle")
-        out = await self._settle(self._client, self.keys(reservation.tenant, reservation.scopes), args)
+        out = await self._settle(self._client, self.keys(tenant, scopes), args)
         return int(out) == 1
 
-    async def renew(self, reservation: Reservation) -> bool:
+    async def renew(self, reservation: Reservation | None, permit: Permit | None = None, *, ttl_s: float = 0.0) -> bool:
+        """Extend the leases of `reservation` and the lease of `permit` (by `ttl_s`, or the reservation's)."""
+        if reservation is None and permit is None:
+            return False
+        scopes = reservation.scopes if reservation is not None else ()
+        ttl = reservation.lease_ttl_s if reservation is not None else ttl_s
         args: list[str | int | float] = [
             self._now(),
-            reservation.member,
-            repr(reservation.lease_ttl_s),
-            len(reservation.scopes),
+            reservation.member if reservation is not None else "",
+            repr(float(ttl)),
+            len(scopes),
+            self.pool_prefix(permit.pool) if permit is not None else "",
+            permit.member if permit is not None else "",
         ]
         if self._renew is None:
             self._renew = _Script("renew")
-        out = await self._renew(self._client, self.keys(reservation.tenant, reservation.scopes), args)
+        tenant = reservation.tenant if reservation is not None else "_"
+        out = await self._renew(self._client, self.keys(tenant, scopes), args)
         return int(out) == 1
+
+    async def cancel(self, place: PlaceAsk, origin: str = "") -> bool:
+        """Take a waiting request out of its queue: True if it was still waiting, False if it was granted a
+        permit meanwhile (which then arrives on this replica's grant list) or dropped."""
+        if self._cancel is None:
+            self._cancel = _Script("cancel")
+        first = place.pools[0].pool
+        args: list[str | int | float] = [
+            self._now(),
+            self.pool_prefix(first),
+            place.tenant,
+            str(place.band),
+            place.entry(self.replica),
+        ]
+        out = await self._cancel(self._client, [], args)
+        return int(out) == 1
+
+    async def beat(self, ttl_s: float) -> bool:
+        """This replica is alive for `ttl_s` more; False if its beat had lapsed (it rejoins)."""
+        if self._beat is None:
+            self._beat = _Script("beat")
+        out = await self._beat(self._client, [self.replicas_key], [self._now(), self.replica, repr(float(ttl_s))])
+        return int(out) == 1
+
+    async def lead(self, pool: str, ttl_s: float) -> bool:
+        """Whether this replica runs the pool's capacity control (taking or keeping the lead for `ttl_s`)."""
+        if self._lead is None:
+            self._lead = _Script("lead")
+        key = self.pool_prefix(pool) + "lead"
+        out = await self._lead(self._client, [key], [self._now(), self.replica, int(ttl_s * 1000)])
+        return int(out) == 1
+
+    async def set_capacity(
+        self, pool: str, limits: dict[str, int], *, load_factor: float = 1.25, ttl_s: float = 3600.0
+    ) -> PoolStatus:
+        """Set the pool's endpoints and their limits; waiting requests take what that frees."""
+        if self._capacity is None:
+            self._capacity = _Script("capacity")
+        args: list[str | int | float] = [
+            self._now(),
+            self.pool_prefix(pool),
+            repr(float(load_factor)),
+            self.replicas_key,
+            self.grants_prefix,
+            repr(float(ttl_s)),
+        ]
+        for endpoint, limit in limits.items():
+            args += [endpoint, int(limit)]
+        out = await self._capacity(self._client, [], args)
+        by_endpoint = {_str(out[i]): int(out[i + 1]) for i in range(3, len(out) - 1, 2)}
+        return PoolStatus(int(out[0]), int(out[1]), int(out[2]), by_endpoint)
 
     async def close(self) -> None:
         """Nothing to release: the client is the caller's."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from gateway.errors import ServiceUnavailableError
@@ -12,15 +12,21 @@ __all__ = [
     "Decision",
     "LimitName",
     "Period",
+    "Permit",
+    "PlaceAsk",
+    "PoolAsk",
+    "PoolStatus",
     "QuotaBackendError",
     "QuotaLimits",
     "RateHeaders",
+    "Release",
     "Reservation",
     "Scope",
 ]
 
 Period = Literal["day", "week", "month"]
-LimitName = Literal["rpm", "tpm", "concurrency", "inflight_tokens", "budget"]
+LimitName = Literal["rpm", "tpm", "concurrency", "inflight_tokens", "budget", "queue_full"]
+Place = Literal["", "granted", "queued", "full"]
 
 
 class QuotaBackendError(ServiceUnavailableError):
@@ -119,6 +125,94 @@ class RateHeaders:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolAsk:
+    """A backend pool a request may run in, with the endpoints that may serve it there, in its order of
+    preference (with no preference, the least loaded of them serves)."""
+
+    pool: str
+    ranking: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PlaceAsk:
+    """What a request asks of the backends' fair queues, in the same call as its quotas.
+
+    `waiter` is unique per request and names its place in a queue and its permit. `cost` is the VTC charge
+    estimated at dispatch (input + 2 x output tokens, before the weight). The request takes a permit of the
+    first pool if one is free and nobody waits there, or (with `spill`) of a later pool; otherwise it waits
+    in the first pool's queue, unless the tenant already has `max_queue_depth` requests waiting there.
+    """
+
+    waiter: str
+    tenant: str
+    weight: float
+    band: int
+    cost: float
+    pools: tuple[PoolAsk, ...]
+    lease_ttl_s: float
+    spill: bool = False
+    max_queue_depth: int | None = None
+    # Bounded load: an endpoint of the ranking is passed over once it holds more than this times the
+    # pool's mean; 0 means no preference (each pool's `ranking` is then just the endpoints that may serve).
+    load_factor: float = 1.25
+
+    def entry(self, replica: str) -> str:
+        """The request's entry in its first pool's queue, as the fair-queue script stores it."""
+        first = self.pools[0]
+        return "|".join(
+            (
+                self.waiter,
+                replica,
+                self.tenant,
+                repr(float(self.weight)),
+                str(self.band),
+                repr(float(self.cost)),
+                repr(float(self.lease_ttl_s)),
+                repr(float(self.load_factor)),
+                ",".join(first.ranking),
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Permit:
+    """A request's place at one endpoint of a backend pool, held until released (or its lease expires)."""
+
+    pool: str
+    endpoint: str
+    waiter: str
+    # Which store granted it ("redis" or "local"), so it is given back there.
+    origin: str = "local"
+
+    @property
+    def member(self) -> str:
+        return f"{self.waiter}|{self.endpoint}"
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """A permit given back: its tenant's counter is corrected from `estimate` to `actual` (VTC units)."""
+
+    permit: Permit
+    tenant: str
+    weight: float
+    band: int
+    estimate: float
+    actual: float
+    load_factor: float = 1.25
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatus:
+    """A pool's fair queue as the capacity control sees it."""
+
+    limit: int
+    held: int
+    waiting_tenants: int
+    held_by_endpoint: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """The answer to one admission.
 
@@ -136,13 +230,29 @@ class Decision:
     scope: str | None = None
     retry_after_s: float = 0.0
     exceeds_limit: bool = False
+    # The fair queue's answer when a place was asked: "granted" (`permit`), "queued" (in the first pool:
+    # `ahead` of it from its own tenant, `backlog` tenants waiting in its band), "full" (refused).
+    place: Place = ""
+    permit: Permit | None = None
+    ahead: int = 0
+    backlog: int = 0
+    # Which store decided ("redis" or "local"): a queued request is cancelled there.
+    origin: str = "local"
 
 
-def check_request(tenant: str, scopes: tuple[Scope, ...], tokens: int, cost: float, lease_ttl_s: float) -> None:
+def check_request(
+    tenant: str,
+    scopes: tuple[Scope, ...],
+    tokens: int,
+    cost: float,
+    lease_ttl_s: float,
+    *,
+    allow_no_scopes: bool = False,
+) -> None:
     """Reject programming errors before they reach shared state."""
     if not tenant or "{" in tenant or "}" in tenant:
         raise ValueError(f"tenant id {tenant!r} cannot be a Redis hash tag")
-    if not scopes:
+    if not scopes and not allow_no_scopes:
         raise ValueError("at least one scope is required")
     if len({s.name for s in scopes}) != len(scopes):
         raise ValueError("scope names must be unique")

@@ -223,6 +223,7 @@ class LitellmPool:
         if config.provider_model is None:
             raise ValueError("a litellm backend needs a provider_model")
         self._model = config.provider_model
+        assert config.url is not None  # a litellm backend has one (config validation)
         self._api_base = config.url.rstrip("/")
         self._api_key = api_key
         self._litellm = litellm

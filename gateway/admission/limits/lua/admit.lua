@@ -12,8 +12,24 @@
 -- The first scope always takes a lease, even without in-flight limits: it marks the reservation as
 -- unsettled, which is what makes settle.lua idempotent.
 --
+-- Then, optionally, a place in a backend pool's fair queue (fairshare.lua), decided in the same call:
+-- after the 6 values per scope, at b = 6 + 6 * nscopes:
+--   ARGV[b+1] number of pools offered (0: quotas only)   ARGV[b+2] waiter id   ARGV[b+3] replica
+--   ARGV[b+4] tenant   ARGV[b+5] weight   ARGV[b+6] priority band   ARGV[b+7] VTC cost estimate
+--   ARGV[b+8] permit lease TTL   ARGV[b+9] tenant's max queue depth ('' = unbounded)
+--   ARGV[b+10] 1 to spill to a later pool with a free permit rather than wait   ARGV[b+11] load factor
+--   ARGV[b+12] replicas key   ARGV[b+13] grant lists' key prefix
+--   then per pool: its key prefix and the endpoints that may serve the request there, in its order of
+--   preference (comma separated); a load factor of 0 means no preference (the least loaded serves).
+-- The request takes a free permit of the first pool (or, spilling, of a later one) when nobody waits
+-- there; otherwise it waits in the first pool's queue, unless the tenant's queue is full, which refuses
+-- the whole admission ('queue_full') and reserves nothing. With no scopes (a tenant without quotas) only
+-- the fair queue is consulted.
+--
 -- Returns {allowed, limit, scope index, retry_after_us, exceeds,
---          requests limit, remaining, reset_us, tokens limit, remaining, reset_us}  ('' where unlimited).
+--          requests limit, remaining, reset_us, tokens limit, remaining, reset_us,
+--          place ('' | 'granted' | 'queued' | 'full'), pool index, endpoint, requests ahead in the tenant's
+--          queue, tenants waiting in its band}  ('' where unlimited).
 
 local member = ARGV[2]
 local tokens = tonumber(ARGV[3])
@@ -145,6 +161,49 @@ for i, s in ipairs(scopes) do
   end
 end
 
+-- The fair queue's decision, before anything is written: a full queue refuses the whole admission.
+local fs_base = 6 + 6 * nscopes
+local npools = tonumber(ARGV[fs_base + 1]) or 0
+local place, place_pool, place_ep, place_ahead, place_backlog = '', 0, '', 0, 0
+local fs = nil
+if reason == nil and npools > 0 then
+  fs = {
+    wid = ARGV[fs_base + 2], replica = ARGV[fs_base + 3], tenant = ARGV[fs_base + 4],
+    weight = tonumber(ARGV[fs_base + 5]), band = ARGV[fs_base + 6], cost = tonumber(ARGV[fs_base + 7]),
+    ttl = tonumber(ARGV[fs_base + 8]), depth = tonumber(ARGV[fs_base + 9]), spill = ARGV[fs_base + 10] == '1',
+    factor = tonumber(ARGV[fs_base + 11]), replicas = ARGV[fs_base + 12], grants = ARGV[fs_base + 13],
+    pools = {},
+  }
+  for i = 1, npools do
+    local pool = {p = fs_keys(ARGV[fs_base + 12 + 2 * i]), ranking = ARGV[fs_base + 13 + 2 * i]}
+    fs_purge(pool.p)
+    pool.st = fs_state(pool.p)
+    fs.pools[i] = pool
+  end
+  -- A free permit goes to a newcomer only where nobody waits for one: waiters are served fairly first.
+  for i, pool in ipairs(fs.pools) do
+    if i > 1 and not fs.spill then
+      break
+    end
+    if not fs_waiting(pool.p) and fs_free(pool.st) > 0 then
+      local ep = fs_choose(pool.st, pool.ranking, fs.factor)
+      if ep then
+        fs.choice, fs.ep = i, ep
+        break
+      end
+    end
+  end
+  if fs.choice == nil then
+    local first = fs.pools[1]
+    local depth = redis.call('LLEN', first.p.q .. fs.tenant)
+    if fs.depth and depth >= fs.depth then
+      reason, where = 'queue_full', 0
+      place, place_pool, place_ahead = 'full', 1, depth
+      place_backlog = redis.call('ZCARD', first.p.bl .. fs.band)
+    end
+  end
+end
+
 local allowed = reason == nil
 for i, s in ipairs(scopes) do
   local fields = {}
@@ -181,6 +240,28 @@ for i, s in ipairs(scopes) do
   end
 end
 
+if allowed and fs then
+  if fs.choice then
+    local pool = fs.pools[fs.choice]
+    fs_grant(pool.p, pool.st, fs.wid, fs.ep, fs.tenant, fs.weight, fs.band, fs.cost, fs.ttl)
+    place, place_pool, place_ep = 'granted', fs.choice, fs.ep
+  else
+    local first = fs.pools[1]
+    local entry = table.concat(
+      {fs.wid, fs.replica, fs.tenant, ARGV[fs_base + 5], fs.band, ARGV[fs_base + 7], ARGV[fs_base + 8],
+       ARGV[fs_base + 11], first.ranking}, '|')
+    fs_enqueue(first.p, entry, fs.tenant, fs.band)
+    local mine = fs_dispatch(first.p, first.st, fs.replicas, fs.grants, fs.wid)
+    if mine then
+      place, place_pool, place_ep = 'granted', 1, mine
+    else
+      place, place_pool = 'queued', 1
+      place_ahead = redis.call('LLEN', first.p.q .. fs.tenant) - 1
+      place_backlog = redis.call('ZCARD', first.p.bl .. fs.band)
+    end
+  end
+end
+
 -- Rate headers: per dimension, the most constraining scope (fewest whole units remaining).
 local function level(t, cap)
   -- With the admission slack, so a level that is a whole number is not floored one below it.
@@ -205,4 +286,5 @@ if hk then
   local s = scopes[hk]
   out[9], out[10], out[11] = s.tpm, math.max(0, math.floor(level(s.k, s.tpm))), us(s.k - now)
 end
+out[12], out[13], out[14], out[15], out[16] = place, place_pool, place_ep, place_ahead, place_backlog
 return out

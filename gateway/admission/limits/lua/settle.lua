@@ -8,6 +8,14 @@
 -- Unsettled means: the lease is still in the first scope's lease set, or it expired there and
 -- admit.lua moved it to the expired set (kept at least EXPIRED_GRACE_S), so a request that outlived its
 -- lease still pays for its usage, once. Returns 1 if this call settled the reservation, 0 if it was.
+--
+-- Optionally, in the same call, the request's permit in a backend pool comes back (fairshare.lua): after
+-- the 2 values per scope, at b = 7 + 2 * nscopes:
+--   ARGV[b+1] 1 if a permit is released   ARGV[b+2] the pool's key prefix   ARGV[b+3] permit member
+--   ARGV[b+4] tenant   ARGV[b+5] weight   ARGV[b+6] band   ARGV[b+7] VTC cost estimated at dispatch
+--   ARGV[b+8] actual VTC cost   ARGV[b+9] (unused)   ARGV[b+10] replicas key   ARGV[b+11] grant prefix
+-- With no scopes (a tenant without quotas) only the permit is released; the answer is then whether it
+-- was still held.
 
 local member = ARGV[2]
 local tokens = tonumber(ARGV[3])
@@ -16,8 +24,28 @@ local actual_tokens = tonumber(ARGV[5])
 local actual_cost = tonumber(ARGV[6])
 local nscopes = tonumber(ARGV[7])
 
+local function release_permit()
+  local b = 7 + 2 * nscopes
+  if ARGV[b + 1] ~= '1' then
+    return 0
+  end
+  local p = fs_keys(ARGV[b + 2])
+  local released = fs_release(p, ARGV[b + 3], ARGV[b + 4], tonumber(ARGV[b + 5]), ARGV[b + 6],
+    tonumber(ARGV[b + 7]), tonumber(ARGV[b + 8]))
+  if released == 1 then
+    fs_purge(p)
+    fs_dispatch(p, fs_state(p), ARGV[b + 10], ARGV[b + 11], '')
+  end
+  return released
+end
+
+if nscopes == 0 then
+  return release_permit()
+end
+
 local first = redis.call('ZREM', KEYS[3], member)
 if first == 0 and redis.call('ZREM', KEYS[1], member) == 0 then
+  -- Settled already: by the call that also released the permit.
   return 0
 end
 
@@ -69,4 +97,5 @@ for i = 1, nscopes do
     expire(budget, p[2] - now, false)
   end
 end
+release_permit()
 return 1

@@ -1,0 +1,226 @@
+"""One fair queue across gateway replicas, sized by the engine's own load.
+
+Two (and three) gateway processes with the same config share one real redis-server and front one simulated
+engine that runs 4 requests at a time. The config says `capacity: 16` (as an operator would copy it to
+every pod); the engine's own metrics must bring what all replicas together send it down to what it runs,
+so that requests wait in the gateway's fair queue and not inside the engine, whatever replica a client
+talks to. These are behaviour checks with loose bounds; loadtests/bench_scaleout.py measures the figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import statistics
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from tests.support.admin import tenant_with_key
+from tests.support.gateway import GatewayProc, start_gateway
+from tests.support.redis_server import RedisServer
+from tests.support.sim import SimHandle, start_sim
+
+MSG = [{"role": "user", "content": "hello"}]
+SLOTS = 4
+
+
+@pytest.fixture(scope="module")
+def redis_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis-scaleout"))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
+    handle = start_sim(
+        "--ttft-ms", "1", "--itl-ms", "5", "--max-concurrency", str(SLOTS),
+        log_dir=tmp_path_factory.mktemp("sim-scaleout"),
+    )  # fmt: skip
+    yield handle
+    handle.stop()
+
+
+def config(redis_srv: RedisServer, engine: SimHandle, **extra: Any) -> dict[str, Any]:
+    return {
+        "redis_url": redis_srv.url,
+        "lease_ttl_s": 3,
+        "capacity": {"interval_s": 0.1},
+        "backends": [{"name": "engine", "kind": "vllm", "url": engine.url, "capacity": 16}],
+        "models": [{"name": "m", "backends": ["engine"]}],
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    redis_srv: RedisServer, engine: SimHandle, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[GatewayProc]]:
+    procs = [start_gateway(config(redis_srv, engine), tmp_path_factory.mktemp(f"replica{i}")) for i in range(2)]
+    yield procs
+    for proc in procs:
+        proc.stop()
+
+
+class Load:
+    """Closed-loop clients, each pinned to one replica, counting the tokens each tenant was served."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.served: Counter[str] = Counter()
+        self.errors: Counter[int] = Counter()
+        self.threads: list[threading.Thread] = []
+
+    def client(self, gw: GatewayProc, key: str, tenant: str, tokens: int = 20) -> None:
+        def run() -> None:
+            with httpx.Client(timeout=60) as http:
+                while not self.stop.is_set():
+                    resp = http.post(
+                        gw.url + "/v1/chat/completions",
+                        headers={"Authorization": f"Bearer {key}"},
+                        json={"model": "m", "messages": MSG, "max_tokens": tokens},
+                    )
+                    if resp.status_code == 200:
+                        self.served[tenant] += resp.json()["usage"]["completion_tokens"]
+                    else:
+                        self.errors[resp.status_code] += 1
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+
+def engine_gauges(engine: SimHandle) -> tuple[float, float]:
+    running = waiting = 0.0
+    for line in httpx.get(engine.url + "/metrics").text.splitlines():
+        if line.startswith("vllm:num_requests_running"):
+            running += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("vllm:num_requests_waiting"):
+            waiting += float(line.rsplit(" ", 1)[1])
+    return running, waiting
+
+
+def sample_engine(engine: SimHandle, seconds: float) -> tuple[list[float], list[float]]:
+    running, waiting = [], []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        r, w = engine_gauges(engine)
+        running.append(r)
+        waiting.append(w)
+        time.sleep(0.05)
+    return running, waiting
+
+
+def test_the_engine_not_the_config_sets_what_all_replicas_send(replicas: list[GatewayProc], engine: SimHandle) -> None:
+    keys = [tenant_with_key(replicas[0].url, replicas[0].admin_key, f"spread{i}") for i in range(2)]
+    load = Load()
+    for i in range(12):  # 12 clients over 2 replicas, 16 allowed by each replica's config, 4 engine slots
+        load.client(replicas[i % 2], keys[i % 2], f"spread{i % 2}")
+    try:
+        time.sleep(1.0)  # the control needs a few readings to find the engine's size
+        running, waiting = sample_engine(engine, 3.0)
+    finally:
+        load.finish()
+    assert not load.errors, load.errors
+    # The engine runs its 4 and hardly anything waits inside it: the queue is in the gateway.
+    assert statistics.mean(waiting) <= 1.0, statistics.mean(waiting)
+    assert statistics.mean(running) >= SLOTS * 0.85, statistics.mean(running)
+    limit = [
+        line for line in httpx.get(replicas[0].url + "/metrics").text.splitlines()
+        if line.startswith("gateway_capacity_limit{")
+    ]  # fmt: skip
+    assert limit and float(limit[0].rsplit(" ", 1)[1]) == SLOTS
+
+
+def test_weights_hold_across_replicas_with_clients_pinned(replicas: list[GatewayProc], engine: SimHandle) -> None:
+    a, b = replicas
+    light = tenant_with_key(a.url, a.admin_key, "light", weight=1)
+    heavy = tenant_with_key(a.url, a.admin_key, "heavy", weight=3)
+    load = Load()
+    for _ in range(8):
+        load.client(a, light, "light")  # every light client on replica a
+        load.client(b, heavy, "heavy")  # every heavy client on replica b
+    try:
+        time.sleep(1.0)
+        before = Counter(load.served)
+        time.sleep(5.0)
+        during = Counter(load.served)
+    finally:
+        load.finish()
+    light_tokens = during["light"] - before["light"]
+    heavy_tokens = during["heavy"] - before["heavy"]
+    share = heavy_tokens / (heavy_tokens + light_tokens)
+    assert 0.65 <= share <= 0.85, (heavy_tokens, light_tokens)  # entitled to 0.75
+
+
+def test_a_lone_tenant_gets_the_whole_engine_from_one_replica(replicas: list[GatewayProc], engine: SimHandle) -> None:
+    key = tenant_with_key(replicas[1].url, replicas[1].admin_key, "alone")
+    load = Load()
+    for _ in range(8):
+        load.client(replicas[1], key, "alone")
+    try:
+        time.sleep(1.0)
+        running, waiting = sample_engine(engine, 2.0)
+    finally:
+        load.finish()
+    assert statistics.mean(running) >= SLOTS * 0.85 and statistics.mean(waiting) <= 1.0
+
+
+def test_a_killed_replica_gives_its_permits_back_within_a_lease(
+    replicas: list[GatewayProc], redis_srv: RedisServer, engine: SimHandle, tmp_path: Path
+) -> None:
+    doomed = start_gateway(config(redis_srv, engine), tmp_path)
+    key = tenant_with_key(doomed.url, doomed.admin_key, "doomed")
+    permits = redis.Redis.from_url(redis_srv.url)
+    streams = []
+
+    def hold() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # cut when the replica is killed
+            httpx.post(
+                doomed.url + "/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={"model": "m", "messages": MSG, "max_tokens": 5000, "stream": True},
+                timeout=60,
+            )
+
+    try:
+        for _ in range(3):  # long streams that hold permits
+            thread = threading.Thread(target=hold, daemon=True)
+            thread.start()
+            streams.append(thread)
+        deadline = time.monotonic() + 10
+        while permits.zcard("gw:pool:{engine}:permits") < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert doomed.proc.popen is not None
+        os.kill(doomed.proc.popen.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        # The survivors' next requests purge the expired permits once their lease (3 s) is over.
+        other = tenant_with_key(replicas[0].url, replicas[0].admin_key, "survivor")
+        while permits.zcard("gw:pool:{engine}:permits") > 0:
+            httpx.post(
+                replicas[0].url + "/v1/chat/completions",
+                headers={"Authorization": f"Bearer {other}"},
+                json={"model": "m", "messages": MSG, "max_tokens": 1},
+                timeout=30,
+            )
+            assert time.monotonic() - killed < 3 + 2, "the dead replica's permits did not come back"
+            time.sleep(0.1)
+    finally:
+        doomed.stop()
+        permits.close()
