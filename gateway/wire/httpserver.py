@@ -18,9 +18,9 @@ does the HTTP part in the fewest steps:
 - flow control both ways: a body that arrives faster than the app reads it pauses the socket (64 KiB),
   and a client that reads its answer slower than the app writes it makes the app's `send` wait (the
   transport's high-water mark), which holds back-pressure up to the backend;
-- deadlines, all on one timer per connection that is re-armed only when it fires: the whole request head
-  within `header_timeout_s` of its first byte, the whole body within `body_timeout_s` of the head (408
-  otherwise), and an idle keep-alive connection closed after `keep_alive_s`;
+- deadlines, one at a time per connection (`deadline.Deadline`: moving it arms no timer): the whole
+  request head within `header_timeout_s` of its first byte, the whole body within `body_timeout_s` of the
+  head (408 otherwise), and an idle keep-alive connection closed after `keep_alive_s`;
 - bounds: a head larger than `max_header_bytes` or with more than `max_headers` fields gets 431, a request
   the parser rejects gets 400, both with `connection: close`;
 - a direct path for streams, outside ASGI: `scope["gateway.exchange"].write_body(data)` writes an event at
@@ -47,13 +47,14 @@ from urllib.parse import unquote
 
 import httptools
 
+from gateway.wire.deadline import Deadline
+
 __all__ = ["HttpLimits", "HttpProtocol"]
 
 log = logging.getLogger("gateway.wire.httpserver")
 
 # Request body bytes buffered for the app before the socket stops reading.
 _READ_HIGH_WATER = 64 * 1024
-_TIMER_SLACK = 0.001
 _CLOSE = (b"connection", b"close")
 
 
@@ -323,10 +324,12 @@ class HttpProtocol(asyncio.Protocol):
         self._partial_head = 0  # bytes received while the head was incomplete
         self._in_head = False
         self._continue = False
-        # One timer for every deadline (see the module docstring); `_deadline` moves, the timer follows.
-        self._deadline = 0.0
+        # One deadline at a time, of the kind named (see the module docstring). Every deadline is at least
+        # the shortest limit away, so with that as the timer's longest sleep, moving one never arms a timer.
+        limits = self.limits
+        shortest = min(limits.header_timeout_s, limits.body_timeout_s, limits.keep_alive_s)
+        self._deadline = Deadline(self.loop, self._on_deadline, max_sleep=shortest)
         self._deadline_kind = "idle"
-        self._timer: asyncio.TimerHandle | None = None
         self.lost = False
         self.closing = False
         self.write_paused = False
@@ -381,9 +384,7 @@ class HttpProtocol(asyncio.Protocol):
         self.lost = True
         self._state.connections.discard(self)
         self._parser = None  # type: ignore[assignment]  # it holds this protocol: no cycle left behind
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.close()
         for exchange in (self._active, self._parsing, *self._queue):
             if exchange is not None:
                 exchange.wake()
@@ -503,14 +504,14 @@ class HttpProtocol(asyncio.Protocol):
         exchange.wake()
         if self._active is not None:
             # The app is answering (this request or one before it): no deadline of ours applies.
-            self._deadline_kind = "busy"
+            self._deadline.clear()
 
     # -- exchanges -----------------------------------------------------------------------------------------
 
     def _start(self, exchange: _Exchange) -> None:
         self._active = exchange
         if exchange.complete:
-            self._deadline_kind = "busy"
+            self._deadline.clear()
         task = self.loop.create_task(self._run(exchange))
         tasks = self._state.tasks
         tasks.add(task)
@@ -639,25 +640,12 @@ class HttpProtocol(asyncio.Protocol):
 
     def _set_deadline(self, kind: str, seconds: float) -> None:
         self._deadline_kind = kind
-        self._deadline = self.loop.time() + seconds
-        if self._timer is None:
-            self._arm()
+        self._deadline.at(self.loop.time() + seconds)
 
-    def _arm(self) -> None:
-        # The timer ticks at most every header_timeout_s (the shortest deadline) while the connection lives,
-        # and is never cancelled: moving a deadline costs an assignment, not a timer (about 2.5 us each).
-        tick = self.loop.time() + self.limits.header_timeout_s
-        deadline = self._deadline if self._deadline_kind != "busy" else tick
-        self._timer = self.loop.call_at(min(deadline, tick), self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
+    def _on_deadline(self) -> None:
         if self.lost:
             return
         kind = self._deadline_kind
-        if kind == "busy" or self.loop.time() < self._deadline - _TIMER_SLACK:
-            self._arm()
-            return
         if kind == "idle":
             self.close()
             return
