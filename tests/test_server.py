@@ -5,15 +5,18 @@ gateway a real process on loopback and the simulator behind it."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.support.admin import tenant_with_key
 from tests.support.gateway import GatewayProc, start_gateway
+from tests.support.procs import wait_http
 from tests.support.rawhttp import closed_by_peer, connect, post, read_response
 from tests.support.sim import SimHandle, start_sim
 
@@ -171,6 +174,59 @@ def test_a_body_trickled_byte_by_byte_gets_408(gw: GatewayProc, key: str) -> Non
     with connect(gw.port) as sock:
         sock.sendall(post(key, BODY))
         assert read_response(sock)[0] == 200
+
+
+def children(proc: GatewayProc) -> set[int]:
+    assert proc.proc.popen is not None
+    ppid = proc.proc.popen.pid
+    return {int(pid) for pid in Path(f"/proc/{ppid}/task/{ppid}/children").read_text().split()}
+
+
+def head_timeout_s(proc: GatewayProc, connections: int) -> list[float]:
+    """Open `connections` connections, start a head on each and never finish it: the seconds until each 408."""
+    socks = [connect(proc.port) for _ in range(connections)]
+    try:
+        started = time.monotonic()
+        for sock in socks:
+            sock.sendall(b"GET /livez HTTP/1.1\r\nHost: gw\r\n")
+        waited = []
+        for sock in socks:
+            sock.settimeout(8)
+            status, headers, _ = read_response(sock)
+            assert status == 408 and headers["connection"] == "close"
+            waited.append(time.monotonic() - started)
+        return waited
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_the_client_limits_reach_every_worker(sim: SimHandle, tmp_path: Path) -> None:
+    """With `--workers 2`, each worker builds its HTTP protocol's limits from the settings it reads: heads
+    never finished, on connections spread over the workers, get 408 after the configured 1 s (not the
+    default 10 s); after the file changes to 3 s, a SIGHUP restarts the workers with the new limit."""
+    config = {
+        "backends": [{"name": "sim", "kind": "vllm", "url": sim.url}],
+        "models": [{"name": "m", "backends": ["sim"]}],
+        "limits": {"client_header_timeout_s": 1.0},
+    }
+    proc = start_gateway(config, tmp_path, extra_args=("--workers", "2"), wait=False)
+    try:
+        wait_http(f"{proc.url}/readyz", timeout=90, proc=proc.proc.popen)  # two processes starting
+        assert max(head_timeout_s(proc, 8)) < 6
+        before = children(proc)
+        settings = yaml.safe_load(proc.config_path.read_text())
+        settings["limits"]["client_header_timeout_s"] = 3.0
+        proc.config_path.write_text(yaml.safe_dump(settings))
+        assert proc.proc.popen is not None
+        proc.proc.popen.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 120  # one worker after the other, each ready before the old one goes
+        while len(children(proc) - before) < 2 or len(before - children(proc)) < 2:  # both workers replaced
+            assert time.monotonic() < deadline, "the workers were not restarted"
+            time.sleep(0.1)
+        assert min(head_timeout_s(proc, 8)) > 2.5
+    finally:
+        proc.stop()
 
 
 def test_an_idle_keep_alive_connection_is_closed(gw: GatewayProc) -> None:

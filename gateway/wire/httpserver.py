@@ -38,10 +38,12 @@ itself, in the same OpenAI shape as every other error (SPEC section 11): `{"erro
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
@@ -71,14 +73,24 @@ def _status_line(status: int) -> bytes:
 _STATUS = {status: _status_line(status) for status in range(100, 600)}
 
 
+@dataclass(frozen=True, slots=True)
 class HttpLimits:
-    """Deadlines and sizes for clients; set once per process by `gateway.serve` (defaults are production's)."""
+    """Deadlines and sizes for clients, given to every connection's protocol (the defaults are production's)."""
 
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     keep_alive_s: float = 30.0
     max_header_bytes: int = 64 * 1024
     max_headers: int = 100
+
+    def __post_init__(self) -> None:
+        if min(self.header_timeout_s, self.body_timeout_s, self.keep_alive_s) <= 0:
+            raise ValueError("HTTP deadlines must be positive")
+        if self.max_header_bytes < 1 or self.max_headers < 1:
+            raise ValueError("HTTP head bounds must be positive")
+
+
+_DEFAULT_LIMITS = HttpLimits()
 
 
 class _Exchange:
@@ -291,9 +303,14 @@ class _Exchange:
 
 
 class HttpProtocol(asyncio.Protocol):
-    """One client connection. Constructed by uvicorn's server (`uvicorn.Config(http=HttpProtocol)`)."""
+    """One client connection. Constructed by uvicorn's server: `uvicorn.Config(http=HttpProtocol)` for the
+    default limits, `uvicorn.Config(http=HttpProtocol.with_limits(limits))` for others."""
 
-    limits = HttpLimits
+    @classmethod
+    def with_limits(cls, limits: HttpLimits) -> Callable[..., HttpProtocol]:
+        """The protocol with `limits` bound, for `uvicorn.Config(http=...)`: uvicorn calls it as it would call
+        the class. (A partial of the class, so it can be pickled to `--workers` processes.)"""
+        return functools.partial(cls, limits=limits)
 
     def __init__(
         self,
@@ -301,9 +318,12 @@ class HttpProtocol(asyncio.Protocol):
         server_state: Any,
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        limits: HttpLimits = _DEFAULT_LIMITS,
     ) -> None:
         if not config.loaded:
             config.load()
+        self.limits = limits
         self.app = config.loaded_app
         self.loop = _loop or asyncio.get_event_loop()
         self._state = server_state
@@ -326,7 +346,6 @@ class HttpProtocol(asyncio.Protocol):
         self._continue = False
         # One deadline at a time, of the kind named (see the module docstring). Every deadline is at least
         # the shortest limit away, so with that as the timer's longest sleep, moving one never arms a timer.
-        limits = self.limits
         shortest = min(limits.header_timeout_s, limits.body_timeout_s, limits.keep_alive_s)
         self._deadline = Deadline(self.loop, self._on_deadline, max_sleep=shortest)
         self._deadline_kind = "idle"
