@@ -26,8 +26,18 @@ does the HTTP part in the fewest steps:
 - a direct path for streams, outside ASGI: `scope["gateway.exchange"].write_body(data)` writes an event at
   once from the caller's own callback (the gateway's relay calls it from its upstream connection's
   `data_received`), saving a future and a task switch per event;
-- HTTP/1.1 keep-alive and pipelining (a request that arrives while the previous answer is still being
-  written waits, its socket paused), HTTP/1.0, `Expect: 100-continue`, HEAD.
+- HTTP/1.1 keep-alive and pipelining (below), HTTP/1.0, `Expect: 100-continue`, HEAD.
+
+Pipelining: one exchange at a time, and its deadlines only
+-----------------------------------------------------------
+Requests on a connection are answered one at a time, in the order they came. A request that arrives while
+an answer is still being written waits its turn: it is parsed as far as the end of its head, then the
+socket is paused until its turn. The deadlines of the connection are those of the exchange being
+answered; a waiting request's own deadlines do not run while it waits (the server is not reading it):
+its head deadline, if its head is unfinished, or its body deadline, if its body is, starts counting when
+the answer before it is complete. And the protocol's own refusal of a waiting request (400 malformed,
+431 too large) is written after the answers before it. So a client's next request can never cut the
+answer in progress: whatever is wrong with it is answered in its turn, then the connection closes.
 
 Errors this module writes itself (a malformed head, a head too large, a timeout before the body was
 read, an app that failed before answering) happen before the app can answer, so the protocol writes them
@@ -341,9 +351,13 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0  # of the head being parsed, counted from what the parser hands over
-        self._partial_head = 0  # bytes received while the head was incomplete
+        # Bytes received for a head still unfinished, after the read it began in (which is at most one read).
+        self._partial_head = 0
+        self._read_size = 0  # of the read being parsed
         self._in_head = False
         self._continue = False
+        # The protocol's own answer to a request waiting its turn (status, message), written in that turn.
+        self._refusal: tuple[int, str] | None = None
         # One deadline at a time, of the kind named (see the module docstring). Every deadline is at least
         # the shortest limit away, so with that as the timer's longest sleep, moving one never arms a timer.
         shortest = min(limits.header_timeout_s, limits.body_timeout_s, limits.keep_alive_s)
@@ -369,32 +383,28 @@ class HttpProtocol(asyncio.Protocol):
         self._set_deadline("idle", self.limits.keep_alive_s)
 
     def data_received(self, data: bytes) -> None:
-        if self._parsing is None and not self._in_head:
-            # The first bytes of a request: its head must be complete within header_timeout_s.
-            self._in_head = True
-            self._partial_head = 0
-            self._set_deadline("head", self.limits.header_timeout_s)
+        self._read_size = len(data)
         try:
             self._parser.feed_data(data)
             if self._in_head:
-                # The head is still incomplete, so all of this was head: bound what the parser buffers
-                # (a header value sent forever would otherwise grow without limit).
+                # A head is still unfinished: bound what the parser buffers of it (a header value sent
+                # forever would otherwise grow without limit).
                 self._partial_head += len(data)
                 if self._partial_head > self.limits.max_header_bytes:
                     raise _HeadTooLarge
         except httptools.HttpParserUpgrade:
-            self._reject(400, "Protocol upgrades are not supported.")
+            self._refuse(400, "Protocol upgrades are not supported.")
         except _HeadTooLarge:
-            self._reject(431, "Request header fields too large.")
+            self._refuse(431, "Request header fields too large.")
         except httptools.HttpParserError as exc:
             # An exception raised in a parser callback arrives wrapped (HttpParserCallbackError).
             cause = exc.__context__
             if isinstance(cause, _HeadTooLarge):
-                self._reject(431, "Request header fields too large.")
+                self._refuse(431, "Request header fields too large.")
             elif isinstance(cause, _BadRequest):
-                self._reject(400, str(cause))
+                self._refuse(400, str(cause))
             else:
-                self._reject(400, "Invalid HTTP request.")
+                self._refuse(400, "Invalid HTTP request.")
 
     def eof_received(self) -> bool | None:
         return None  # half-closed by the client: close; connection_lost tells the app
@@ -443,6 +453,11 @@ class HttpProtocol(asyncio.Protocol):
         self._continue = False
         self._in_head = True
         self._head_bytes = 0
+        self._partial_head = -self._read_size  # this read is counted once the head is seen unfinished
+        if self._active is None:
+            # Its head must be complete within header_timeout_s of its first byte. A request pipelined
+            # behind an answer gets that deadline in its turn (`_next`).
+            self._set_deadline("head", self.limits.header_timeout_s)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -495,8 +510,6 @@ class HttpProtocol(asyncio.Protocol):
         # Not ASGI: lets the stream relay write without a task switch per event (`_Exchange.write_body`).
         scope["gateway.exchange"] = exchange
         self._parsing = exchange
-        # The body must arrive within body_timeout_s (a trickled body would hold the connection forever).
-        self._set_deadline("body", self.limits.body_timeout_s)
         if self._active is None:
             self._start(exchange)
         else:
@@ -521,16 +534,21 @@ class HttpProtocol(asyncio.Protocol):
         exchange.more_body = False
         exchange.complete = True
         exchange.wake()
-        if self._active is not None:
-            # The app is answering (this request or one before it): no deadline of ours applies.
+        if exchange is self._active:
+            # The app is answering: no deadline of ours applies until the answer is complete.
             self._deadline.clear()
 
     # -- exchanges -----------------------------------------------------------------------------------------
 
     def _start(self, exchange: _Exchange) -> None:
+        """`exchange`'s turn: the app is called for it."""
         self._active = exchange
         if exchange.complete:
             self._deadline.clear()
+        else:
+            # The body must arrive within body_timeout_s of the request's turn (a trickled body would hold
+            # the connection forever).
+            self._set_deadline("body", self.limits.body_timeout_s)
         task = self.loop.create_task(self._run(exchange))
         tasks = self._state.tasks
         tasks.add(task)
@@ -580,10 +598,20 @@ class HttpProtocol(asyncio.Protocol):
             # request's head. Not worth the bookkeeping: close.
             self.close()
             return
+        self._next()
+
+    def _next(self) -> None:
+        """The answer before is complete: the next request's turn, or the refusal of it, or idle time."""
+        if self._refusal is not None and not self._queue:
+            self._reject(*self._refusal)
+            return
         self._resume_reading()
         if self._queue:
             self._start(self._queue.popleft())
-        elif self._parsing is None and not self._in_head:
+        elif self._in_head:
+            # A head that began while the answer before was written: timed from its turn, now.
+            self._set_deadline("head", self.limits.header_timeout_s)
+        else:
             self._set_deadline("idle", self.limits.keep_alive_s)
 
     # -- writing, flow control, closing -----------------------------------------------------------------------
@@ -629,12 +657,28 @@ class HttpProtocol(asyncio.Protocol):
             self._transport.pause_reading()
 
     def _resume_reading(self) -> None:
-        if self._read_paused and self._transport is not None and not self.lost:
+        if self._read_paused and self._transport is not None and not self.lost and self._refusal is None:
             self._read_paused = False
             self._transport.resume_reading()
 
+    def _refuse(self, status: int, message: str) -> None:
+        """The request being parsed is refused by the protocol itself: now if it is the one being answered or
+        none is; otherwise in its turn, after the answers before it (see the module docstring)."""
+        active = self._active
+        parsing = self._parsing
+        if active is None or parsing is active:
+            self._reject(status, message)
+            return
+        # A request waiting its turn (or the head of one): the app never sees it; reading stops here.
+        if parsing is not None and self._queue and self._queue[-1] is parsing:
+            self._queue.pop()
+        self._parsing = None
+        self._in_head = False
+        self._refusal = (status, message)
+        self._pause_reading()
+
     def _reject(self, status: int, message: str) -> None:
-        """Answer with a plain-text error and close (the request cannot be handed to the app)."""
+        """Answer with an error and close (the request cannot be handed to the app)."""
         self._parsing = None
         active = self._active
         if active is not None and active.response_started:
