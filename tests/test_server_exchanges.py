@@ -1,5 +1,7 @@
 """Two exchanges on one connection, through the gateway's HTTP server as a real process on loopback: a request
-pipelined behind a long stream (its deadlines wait for its turn, and the stream is never cut for it)."""
+pipelined behind a long stream (its deadlines wait for its turn, and the stream is never cut for it), and an
+answer given before the request's body has arrived (the answer says whether the connection stays open, and
+the server keeps its word), over raw sockets and with httpx reusing its connection."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from tests.support.admin import tenant_with_key
@@ -20,6 +23,7 @@ STREAM = json.dumps(
     {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 250, "stream": True}
 ).encode()
 BODY_TIMEOUT_S = 1.5
+WRONG_KEY = "sk-gw-" + "x" * 43
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +173,94 @@ def test_many_pipelined_requests_cut_anywhere_are_all_answered(gw: GatewayProc) 
         buf = bytearray()
         statuses = [read_response(sock, buf)[0] for _ in range(300)]
     assert statuses == [200] * 300
+
+
+# -- an answer before the body -------------------------------------------------------------------------------
+
+
+def test_an_early_answer_with_little_body_left_keeps_the_connection(gw: GatewayProc, key: str) -> None:
+    """A wrong key is refused before the body is read; the rest of the body is small, so the server reads
+    and drops it, and the connection serves the next request."""
+    head, _, body = post(WRONG_KEY, BODY).partition(b"\r\n\r\n")
+    with connect(gw.port) as sock:
+        sock.sendall(head + b"\r\n\r\n" + body[:10])
+        buf = bytearray()
+        status, headers, answer = read_response(sock, buf)
+        assert status == 401 and json.loads(answer)["error"]["code"] == "invalid_api_key"
+        assert "connection" not in headers
+        sock.sendall(body[10:] + post(key, BODY))
+        status, _, answer = read_response(sock, buf)
+        assert status == 200, answer
+
+
+def test_an_early_answer_with_much_body_left_says_close_and_is_readable(gw: GatewayProc, key: str) -> None:
+    """A client that writes its whole body before reading, 24 MB where 4 MB are allowed: the 413 comes
+    before the body is read and says `connection: close`; the server then reads and drops the rest, so the
+    client's writes succeed (no reset) and it reads the answer, then the end of the connection."""
+    big = b"x" * (24 << 20)
+    with connect(gw.port) as sock:
+        sock.sendall(post(key, big))  # more than loopback's socket buffers hold: the server must read it
+        status, headers, answer = read_response(sock)
+        assert status == 413 and json.loads(answer)["error"]["type"] == "invalid_request_error"
+        assert headers["connection"] == "close"
+        assert closed_by_peer(sock, 5)
+
+
+def test_an_early_answer_to_a_client_waiting_for_100_continue_says_close(gw: GatewayProc) -> None:
+    head, _, _ = post(WRONG_KEY, BODY, extra=b"Expect: 100-continue\r\n").partition(b"\r\n\r\n")
+    with connect(gw.port) as sock:
+        sock.sendall(head + b"\r\n\r\n")
+        status, headers, _ = read_response(sock)
+        assert status == 401 and headers["connection"] == "close"  # the client may never send that body
+        assert closed_by_peer(sock, 5)
+
+
+class Connects:
+    """httpcore's trace hook, counting the TCP connections a client opens."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, event: str, info: dict[str, object]) -> None:
+        if event == "connection.connect_tcp.complete":
+            self.count += 1
+
+
+def test_httpx_reuses_the_connection_after_an_early_answer(gw: GatewayProc, key: str) -> None:
+    def slow_body() -> Iterator[bytes]:
+        yield BODY[:10]
+        time.sleep(0.3)  # the refusal is written meanwhile
+        yield BODY[10:]
+
+    url = gw.url + "/v1/chat/completions"
+    connects = Connects()
+    with httpx.Client(timeout=10) as client:
+        refused = client.post(
+            url,
+            content=slow_body(),
+            headers={"authorization": f"Bearer {WRONG_KEY}", "content-length": str(len(BODY))},
+            extensions={"trace": connects},
+        )
+        assert refused.status_code == 401
+        served = client.post(
+            url, content=BODY, headers={"authorization": f"Bearer {key}"}, extensions={"trace": connects}
+        )
+        assert served.status_code == 200
+    assert connects.count == 1  # the same connection
+
+
+def test_httpx_goes_on_after_an_early_answer_that_closes(gw: GatewayProc, key: str) -> None:
+    big = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * (3 << 20)}]}).encode()
+    url = gw.url + "/v1/chat/completions"
+    with httpx.Client(timeout=10) as client:
+        refused = client.post(url, content=big, headers={"authorization": f"Bearer {WRONG_KEY}"})
+        assert refused.status_code == 401 and refused.headers["connection"] == "close"
+        served = client.post(url, content=BODY, headers={"authorization": f"Bearer {key}"})
+        assert served.status_code == 200
+    # And a body larger than loopback's socket buffers (the 413 comes before it is read): httpx writes it
+    # all, reads the answer, and goes on on a new connection.
+    with httpx.Client(timeout=10) as client:
+        refused = client.post(url, content=b"x" * (24 << 20), headers={"authorization": f"Bearer {key}"})
+        assert refused.status_code == 413 and refused.headers["connection"] == "close"
+        served = client.post(url, content=BODY, headers={"authorization": f"Bearer {key}"})
+        assert served.status_code == 200

@@ -39,6 +39,18 @@ the answer before it is complete. And the protocol's own refusal of a waiting re
 431 too large) is written after the answers before it. So a client's next request can never cut the
 answer in progress: whatever is wrong with it is answered in its turn, then the connection closes.
 
+Answers before the body
+-----------------------
+The app may answer before the request's body has arrived in full (a 401 for a wrong key while a large
+body is still coming). The connection then stays open only if the rest of the body is known to be small
+(at most `_DRAIN_MAX` bytes left by its content-length) and the client is sending it (not waiting for a
+`100 Continue`): after the answer, the server reads the rest and drops it, within the request's body
+deadline (or closes), and the next request follows on the same connection. Otherwise the answer says
+`connection: close`, and the server closes gracefully: it shuts its side after the answer, and reads and
+drops what the client still sends for up to `_LINGER_S` (until the client closes its side, if sooner).
+Closing at once with unread bytes would make the kernel answer them with a reset, which can destroy the
+answer before the client has read it.
+
 Errors this module writes itself (a malformed head, a head too large, a timeout before the body was
 read, an app that failed before answering) happen before the app can answer, so the protocol writes them
 itself, in the same OpenAI shape as every other error (SPEC section 11): `{"error": {"message", "type",
@@ -67,6 +79,12 @@ log = logging.getLogger("gateway.wire.httpserver")
 
 # Request body bytes buffered for the app before the socket stops reading.
 _READ_HIGH_WATER = 64 * 1024
+# The most a request's body may still have to come, when the app has answered, for the connection to stay
+# open: the server reads that much and drops it (see the module docstring).
+_DRAIN_MAX = 64 * 1024
+# How long a connection that closes after an answer given before the body still reads (and drops) what the
+# client sends, so that the client reads the answer rather than a reset.
+_LINGER_S = 2.0
 _CLOSE = (b"connection", b"close")
 
 
@@ -121,6 +139,7 @@ class _Exchange:
         "keep_alive",
         "more_body",
         "pending_start",
+        "received",
         "rejected",
         "response_complete",
         "response_started",
@@ -133,7 +152,8 @@ class _Exchange:
         self.keep_alive = keep_alive
         self.continue_wanted = continue_wanted
         self.body: list[bytes] = []
-        self.body_size = 0
+        self.body_size = 0  # of `body`, the part not yet handed to the app
+        self.received = 0  # body bytes received in all
         self.more_body = True  # until the parser says the request is complete
         self.complete = False  # the request (head and body) has been parsed in full
         self.handed_over = False  # the app has received the whole body
@@ -148,6 +168,13 @@ class _Exchange:
         self._head_only = scope["method"] == "HEAD"
 
     # -- what the protocol calls ----------------------------------------------------------------------------
+
+    def rest_is_small(self) -> bool:
+        """Is what is left of the body known to be at most `_DRAIN_MAX` bytes (by its content-length)?"""
+        for name, value in self.scope["headers"]:
+            if name == b"content-length":
+                return int(value) - self.received <= _DRAIN_MAX  # the parser checked it is a number
+        return False  # chunked: no telling
 
     def wake(self) -> None:
         waiter = self._waiter
@@ -230,6 +257,9 @@ class _Exchange:
             status: int = message["status"]
             headers = list(message.get("headers", ()))
             self.pending_start = (status, headers)
+            if self.continue_wanted and not self.complete:
+                # The client waits for a `100 Continue` that will not come: it may never send that body.
+                self.keep_alive = False
             self.continue_wanted = False
             if not any(name.lower() == b"content-length" for name, _ in headers):
                 # A stream: the head goes out now, so the client sees the status before the first event.
@@ -290,6 +320,8 @@ class _Exchange:
             self._chunked = True
             parts.append(b"transfer-encoding: chunked\r\n")
             lines += 1
+        if not self.complete and not self.rest_is_small():
+            self.keep_alive = False  # an answer before a body with much left (see the module docstring)
         if not self.keep_alive or conn.closing:
             self.keep_alive = False
             parts.append(b"connection: close\r\n")
@@ -358,6 +390,7 @@ class HttpProtocol(asyncio.Protocol):
         self._continue = False
         # The protocol's own answer to a request waiting its turn (status, message), written in that turn.
         self._refusal: tuple[int, str] | None = None
+        self._lingering = False  # closing: what arrives is dropped
         # One deadline at a time, of the kind named (see the module docstring). Every deadline is at least
         # the shortest limit away, so with that as the timer's longest sleep, moving one never arms a timer.
         shortest = min(limits.header_timeout_s, limits.body_timeout_s, limits.keep_alive_s)
@@ -383,6 +416,8 @@ class HttpProtocol(asyncio.Protocol):
         self._set_deadline("idle", self.limits.keep_alive_s)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         self._read_size = len(data)
         try:
             self._parser.feed_data(data)
@@ -518,10 +553,11 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         exchange = self._parsing
-        if exchange is None:
-            return
+        if exchange is None or exchange.response_complete:
+            return  # answered already: the rest of its body is dropped
         exchange.body.append(body)
         exchange.body_size += len(body)
+        exchange.received += len(body)
         if exchange.body_size > _READ_HIGH_WATER:
             self._pause_reading()
         exchange.wake()
@@ -535,8 +571,13 @@ class HttpProtocol(asyncio.Protocol):
         exchange.complete = True
         exchange.wake()
         if exchange is self._active:
-            # The app is answering: no deadline of ours applies until the answer is complete.
-            self._deadline.clear()
+            if exchange.response_complete:
+                # The rest of a body answered early has been dropped: the next request's turn.
+                self._active = None
+                self._next()
+            else:
+                # The app is answering: no deadline of ours applies until the answer is complete.
+                self._deadline.clear()
 
     # -- exchanges -----------------------------------------------------------------------------------------
 
@@ -588,16 +629,22 @@ class HttpProtocol(asyncio.Protocol):
         """The answer to `exchange` has been written in full."""
         if self._active is not exchange:
             return
-        self._active = None
         self._state.total_requests += 1
         if not exchange.keep_alive or self.closing:
-            self.close()
+            self._active = None
+            if exchange.complete:
+                self.close()
+            else:
+                self._linger()
             return
         if not exchange.complete:
-            # The app answered before reading the whole body: the rest of it would be read as the next
-            # request's head. Not worth the bookkeeping: close.
-            self.close()
+            # Answered before its body arrived, with little of it left: the rest is read and dropped
+            # (within its body deadline, still running), then comes the next request's turn.
+            exchange.body.clear()
+            exchange.body_size = 0
+            self._resume_reading()
             return
+        self._active = None
         self._next()
 
     def _next(self) -> None:
@@ -641,10 +688,11 @@ class HttpProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         """Graceful stop (uvicorn calls it): close when idle, else after the current answer."""
         self.closing = True
-        if self._active is None and self._parsing is None:
+        active = self._active
+        if active is None or active.response_complete:  # idle, or dropping the rest of an answered body
             self.close()
-        elif self._active is not None:
-            self._active.keep_alive = False
+        else:
+            active.keep_alive = False
 
     def resume_reading(self) -> None:
         """The app took the buffered body: read more (unless a pipelined request is waiting its turn)."""
@@ -660,6 +708,20 @@ class HttpProtocol(asyncio.Protocol):
         if self._read_paused and self._transport is not None and not self.lost and self._refusal is None:
             self._read_paused = False
             self._transport.resume_reading()
+
+    def _linger(self) -> None:
+        """Close after an answer written before the request's body arrived (see the module docstring)."""
+        transport = self._transport
+        if transport is None or self.lost or transport.is_closing():
+            return
+        if not transport.can_write_eof():  # TLS: no half-close
+            self.close()
+            return
+        self._lingering = True
+        self._parsing = None
+        transport.write_eof()  # after what is buffered: the client reads the answer, then the end
+        self._resume_reading()
+        self._set_deadline("linger", _LINGER_S)
 
     def _refuse(self, status: int, message: str) -> None:
         """The request being parsed is refused by the protocol itself: now if it is the one being answered or
@@ -709,7 +771,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.lost:
             return
         kind = self._deadline_kind
-        if kind == "idle":
+        if kind in ("idle", "linger"):
             self.close()
             return
         active = self._active
