@@ -3,8 +3,8 @@
 Why not aiohttp
 ---------------
 Measured alone, with no server in front (docs/bench/clients.md), aiohttp's client spends 90-170 µs of CPU
-per request, the largest single cost on the gateway's hot path and most of a 250 µs budget (4,000 req/s per
-worker, SPEC section 10). Most of that pays for generality the gateway never uses: URL objects, cookie jars,
+per request, the largest single cost on the gateway's hot path and most of a 250 µs budget (the gateway's target
+of 4,000 req/s per worker). Most of that pays for generality the gateway never uses: URL objects, cookie jars,
 redirects, tracing hooks, multidict headers, a StreamReader and a timer context per response. The gateway's
 needs are narrow: send a bytes body to a backend it knows, read the status and the body (whole, or chunk by
 chunk for SSE), and cut the connection when its own client goes away so that the backend stops generating.

@@ -7,7 +7,7 @@ Measured under load (docs/ARCHITECTURE.md), uvicorn's httptools protocol cost a 
 CPU per request: the head and the body of every answer in two writes (two syscalls), an `asyncio.Event`
 per request for the body, a `bytearray` copy of every body. And it has no deadline for a client that sends
 its head or body slowly (a slowloris holds a connection and its buffers for as long as it likes), which
-SPEC section 11 rules out. This protocol keeps uvicorn's contract with its server (`ServerState`'s
+the gateway must not allow. This protocol keeps uvicorn's contract with its server (`ServerState`'s
 connections and tasks, `shutdown()` for a graceful stop, the date header it refreshes every second) and
 does the HTTP part in the fewest steps:
 
@@ -53,7 +53,7 @@ answer before the client has read it.
 
 Errors this module writes itself (a malformed head, a head too large, a timeout before the body was
 read, an app that failed before answering) happen before the app can answer, so the protocol writes them
-itself, in the same OpenAI shape as every other error (SPEC section 11): `{"error": {"message", "type",
+itself, in the same OpenAI shape as every other error the gateway writes: `{"error": {"message", "type",
 "param", "code"}}`, and closes the connection.
 """
 
