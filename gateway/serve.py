@@ -8,6 +8,7 @@ billed as partial; the lifespan flushes billing; the process exits 0.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -25,7 +26,7 @@ from gateway.app import GatewayApp, create_app
 from gateway.config import Settings, load_settings
 from gateway.wire.httpserver import HttpLimits, HttpProtocol
 
-__all__ = ["GracefulServer", "configure_logging", "run", "worker_app"]
+__all__ = ["GracefulServer", "configure_logging", "http_limits", "run", "uvicorn_config"]
 
 log = logging.getLogger("gateway")
 
@@ -38,24 +39,29 @@ def configure_logging(level: str) -> None:
     )
 
 
-def configure_http(settings: Settings) -> None:
-    """The client deadlines and sizes of this process's HTTP protocol (each worker calls it too)."""
+def http_limits(settings: Settings) -> HttpLimits:
+    """The client deadlines and sizes of the HTTP protocol, from the settings."""
     limits = settings.limits
-    HttpLimits.header_timeout_s = limits.client_header_timeout_s
-    HttpLimits.body_timeout_s = limits.client_body_timeout_s
-    HttpLimits.keep_alive_s = limits.keep_alive_timeout_s
-    HttpLimits.max_header_bytes = limits.max_header_bytes
+    return HttpLimits(
+        header_timeout_s=limits.client_header_timeout_s,
+        body_timeout_s=limits.client_body_timeout_s,
+        keep_alive_s=limits.keep_alive_timeout_s,
+        max_header_bytes=limits.max_header_bytes,
+    )
 
 
 def uvicorn_config(app: object, settings: Settings, host: str, port: int, workers: int = 1) -> uvicorn.Config:
-    configure_http(settings)
-    return uvicorn.Config(
+    """uvicorn's config for one process serving `app`, or (`workers` > 1) for the supervisor of N workers,
+    each of which builds its own app (see `_WorkerConfig`)."""
+    config_class = _WorkerConfig if workers > 1 else uvicorn.Config
+    return config_class(
         app,  # type: ignore[arg-type]
         host=host,
         port=port,
         workers=workers,
-        # Our own HTTP/1.1 protocol (gateway/server.py); uvicorn runs the processes, sockets and lifespan.
-        http=HttpProtocol,
+        # Our own HTTP/1.1 protocol (gateway/wire/httpserver.py) with the client limits of the settings;
+        # uvicorn runs the processes, sockets and lifespan. uvicorn calls it as it would call the class.
+        http=HttpProtocol.with_limits(http_limits(settings)),  # type: ignore[arg-type]
         loop="uvloop",
         server_header=False,
         lifespan="on",
@@ -67,6 +73,21 @@ def uvicorn_config(app: object, settings: Settings, host: str, port: int, worker
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # a float works
         factory=workers > 1,
     )
+
+
+class _WorkerConfig(uvicorn.Config):
+    """The config of `--workers N`, which every worker process receives (pickled) and loads. Loading it, a
+    worker reads the settings itself, from the same file and environment as the supervisor (and again when
+    a SIGHUP restarts it), and builds both its app and its HTTP protocol's limits from that one reading;
+    its fair queues take capacity / N of every backend (`GATEWAY_WORKERS`)."""
+
+    def load(self) -> None:
+        settings = load_settings(os.environ.get("GATEWAY_CONFIG"))
+        configure_logging(settings.log_level)
+        self.app = functools.partial(create_app, settings, metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        # uvicorn calls the protocol with its limits bound as it would call the class.
+        self.http = HttpProtocol.with_limits(http_limits(settings))  # type: ignore[assignment]
+        super().load()
 
 
 class GracefulServer(uvicorn.Server):
@@ -139,7 +160,7 @@ def run(settings: Settings, config_path: str | None, host: str, port: int, worke
         # The workers' metrics meet in one directory; /metrics on any worker reports all of them.
         metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        config = uvicorn_config("gateway.serve:worker_app", settings, host, port, workers)
+        config = uvicorn_config(create_app, settings, host, port, workers)
         sock = config.bind_socket()
         try:
             _Workers(config, [sock], metrics_dir).run()
@@ -158,11 +179,3 @@ def run(settings: Settings, config_path: str | None, host: str, port: int, worke
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0 if server.started else 1
-
-
-def worker_app() -> GatewayApp:
-    """The app factory each worker process calls (`--workers N`)."""
-    settings = load_settings(os.environ.get("GATEWAY_CONFIG"))
-    configure_logging(settings.log_level)
-    configure_http(settings)
-    return create_app(settings, metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"))

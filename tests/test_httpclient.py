@@ -816,6 +816,29 @@ async def test_slow_consumer_pauses_the_transport() -> None:
         await pool.close()
 
 
+async def test_a_consumer_slower_than_the_read_timeout_is_not_a_timeout() -> None:
+    """While the transport is paused for its consumer, the backend is not the one that is silent."""
+    total = 4 << 20
+
+    async def respond(request: Request, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        for _ in range(total // 65536):
+            writer.write(b"x" * 65536)
+            await writer.drain()
+
+    async with RawServer(respond) as server:
+        pool = Pool(server.url, read_timeout_s=0.2)
+        async with await pool.request("POST", "/", b"") as r:
+            received = len(await anext(r))
+            await asyncio.sleep(0.7)  # paused meanwhile: more than three read timeouts
+            conn = r._conn
+            assert conn is not None and conn.paused
+            async for part in r:
+                received += len(part)
+        assert received == total
+        await pool.close()
+
+
 # --------------------------------------------------------------------------- the same on uvloop
 
 
@@ -833,6 +856,8 @@ def test_under_uvloop(sim: SimHandle) -> None:
         test_read_timeout_between_chunks_not_while_data_flows,
         test_cancelling_read_closes_the_connection,
         test_slow_consumer_pauses_the_transport,
+        test_a_consumer_slower_than_the_read_timeout_is_not_a_timeout,
+        test_per_request_read_timeout,
         test_many_concurrent_requests,
     ]
     sim_scenarios: list[Callable[[SimHandle], Coroutine[Any, Any, None]]] = [

@@ -85,6 +85,22 @@ async def test_a_hung_server_times_out_every_waiting_command_then_recovers(
     assert await client.execute_command("ECHO", "back") == b"back"
 
 
+async def test_each_command_is_timed_from_its_own_start(client: PipelinedRedis) -> None:
+    """The deadline follows the oldest command waiting: one that Redis holds for most of the timeout, issued
+    after others were answered (whose deadline may still be pending), gets its reply; one held for longer
+    than the timeout fails, and not before its own timeout has passed."""
+    await client.ping()  # a deadline 0.5 s from now, which the reply clears
+    await asyncio.sleep(0.3)
+    assert await client.execute_command("BLPOP", "nothing-here", "0.4") is None  # ends after the ping's deadline
+    await client.ping()
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    with pytest.raises(rx.TimeoutError):
+        await client.execute_command("BLPOP", "nothing-here", "2")
+    assert time.monotonic() - started >= 0.45
+    assert await client.execute_command("ECHO", "after") == b"after"  # on a new connection
+
+
 async def test_a_dead_server_fails_fast_and_a_restarted_one_is_used_again(
     client: PipelinedRedis, server: RedisServer
 ) -> None:

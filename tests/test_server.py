@@ -5,15 +5,19 @@ gateway a real process on loopback and the simulator behind it."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.support.admin import tenant_with_key
 from tests.support.gateway import GatewayProc, start_gateway
+from tests.support.procs import wait_http
+from tests.support.rawhttp import closed_by_peer, connect, post, read_response
 from tests.support.sim import SimHandle, start_sim
 
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
@@ -53,81 +57,10 @@ def key(gw: GatewayProc) -> str:
     return tenant_with_key(gw.url, gw.admin_key, "raw")
 
 
-def connect(gw: GatewayProc) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def read_response(sock: socket.socket, buffered: bytearray | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One response (content-length or chunked) from `sock`; leftover bytes stay in `buffered`."""
-    buf = buffered if buffered is not None else bytearray()
-
-    def fill() -> None:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed")
-        buf.extend(chunk)
-
-    while b"\r\n\r\n" not in buf:
-        fill()
-    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
-    buf[:] = rest
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-    if status == 100:
-        return status, headers, b""
-    if "content-length" in headers:
-        length = int(headers["content-length"])
-        while len(buf) < length:
-            fill()
-        body = bytes(buf[:length])
-        buf[:] = buf[length:]
-        return status, headers, body
-    body = bytearray()
-    while True:
-        while b"\r\n" not in buf:
-            fill()
-        size_line, _, rest = bytes(buf).partition(b"\r\n")
-        size = int(size_line, 16)
-        buf[:] = rest
-        while len(buf) < size + 2:
-            fill()
-        body += buf[:size]
-        buf[:] = buf[size + 2 :]
-        if size == 0:
-            return status, headers, bytes(body)
-
-
-def closed_by_peer(sock: socket.socket, within_s: float) -> bool:
-    sock.settimeout(within_s)
-    try:
-        while sock.recv(65536):
-            pass
-    except TimeoutError:
-        return False
-    except ConnectionResetError:
-        return True
-    return True
-
-
-def post(key: str, body: bytes = BODY, extra: bytes = b"") -> bytes:
-    return (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-        + b"Authorization: Bearer "
-        + key.encode()
-        + b"\r\nContent-Length: %d\r\n" % len(body)
-        + extra
-        + b"\r\n"
-        + body
-    )
-
-
 def test_keep_alive_serves_many_requests_on_one_connection(gw: GatewayProc, key: str) -> None:
-    with connect(gw) as sock:
+    with connect(gw.port) as sock:
         for _ in range(5):
-            sock.sendall(post(key))
+            sock.sendall(post(key, BODY))
             status, headers, body = read_response(sock)
             assert status == 200, body
             assert headers["content-length"] == str(len(body))
@@ -137,9 +70,9 @@ def test_keep_alive_serves_many_requests_on_one_connection(gw: GatewayProc, key:
 
 
 def test_pipelined_requests_are_answered_in_order(gw: GatewayProc, key: str) -> None:
-    with connect(gw) as sock:
+    with connect(gw.port) as sock:
         sock.sendall(
-            b"GET /livez HTTP/1.1\r\nHost: gw\r\n\r\n" + post(key) + b"GET /readyz HTTP/1.1\r\nHost: gw\r\n\r\n"
+            b"GET /livez HTTP/1.1\r\nHost: gw\r\n\r\n" + post(key, BODY) + b"GET /readyz HTTP/1.1\r\nHost: gw\r\n\r\n"
         )
         buf = bytearray()
         first, second, third = (read_response(sock, buf) for _ in range(3))
@@ -155,16 +88,16 @@ def test_chunked_request_body(gw: GatewayProc, key: str) -> None:
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n"
         b"Authorization: Bearer " + key.encode() + b"\r\n\r\n"
     )
-    with connect(gw) as sock:
+    with connect(gw.port) as sock:
         sock.sendall(head + chunked)
         status, _, body = read_response(sock)
         assert status == 200, body
 
 
 def test_expect_100_continue(gw: GatewayProc, key: str) -> None:
-    request = post(key, extra=b"Expect: 100-continue\r\n")
+    request = post(key, BODY, extra=b"Expect: 100-continue\r\n")
     head, _, body = request.partition(b"\r\n\r\n")
-    with connect(gw) as sock:
+    with connect(gw.port) as sock:
         sock.sendall(head + b"\r\n\r\n")
         buf = bytearray()
         status, _, _ = read_response(sock, buf)
@@ -176,9 +109,9 @@ def test_expect_100_continue(gw: GatewayProc, key: str) -> None:
 
 def test_a_refusal_before_the_body_is_read_does_not_wait_for_it(gw: GatewayProc) -> None:
     # No key: the gateway answers 401 at once, without a 100 Continue, and closes (the body never came).
-    request = post("sk-gw-" + "x" * 43, extra=b"Expect: 100-continue\r\n")
+    request = post("sk-gw-" + "x" * 43, BODY, extra=b"Expect: 100-continue\r\n")
     head, _, _ = request.partition(b"\r\n\r\n")
-    with connect(gw) as sock:
+    with connect(gw.port) as sock:
         sock.sendall(head + b"\r\n\r\n")
         status, headers, body = read_response(sock)
         assert status == 401, body
@@ -187,7 +120,7 @@ def test_a_refusal_before_the_body_is_read_does_not_wait_for_it(gw: GatewayProc)
 
 
 def test_head_has_no_body(gw: GatewayProc) -> None:
-    with connect(gw) as sock:
+    with connect(gw.port) as sock:
         sock.sendall(b"HEAD /livez HTTP/1.1\r\nHost: gw\r\n\r\nGET /livez HTTP/1.1\r\nHost: gw\r\n\r\n")
         data = b""
         deadline = time.monotonic() + 5
@@ -199,7 +132,7 @@ def test_head_has_no_body(gw: GatewayProc) -> None:
 
 
 def test_http_1_0_closes_after_the_answer(gw: GatewayProc) -> None:
-    with connect(gw) as sock:
+    with connect(gw.port) as sock:
         sock.sendall(b"GET /livez HTTP/1.0\r\n\r\n")
         status, headers, _ = read_response(sock)
         assert status == 200 and headers["connection"] == "close"
@@ -207,7 +140,7 @@ def test_http_1_0_closes_after_the_answer(gw: GatewayProc) -> None:
 
 
 def test_a_head_never_finished_gets_408_and_the_connection_is_closed(gw: GatewayProc, key: str) -> None:
-    with connect(gw) as sock:
+    with connect(gw.port) as sock:
         started = time.monotonic()
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nX-Slow: ")
         status, headers, body = read_response(sock)
@@ -218,9 +151,9 @@ def test_a_head_never_finished_gets_408_and_the_connection_is_closed(gw: Gateway
 
 
 def test_a_body_trickled_byte_by_byte_gets_408(gw: GatewayProc, key: str) -> None:
-    request = post(key)
+    request = post(key, BODY)
     head, _, body = request.partition(b"\r\n\r\n")
-    with connect(gw) as sock:
+    with connect(gw.port) as sock:
         started = time.monotonic()
         sock.sendall(head + b"\r\n\r\n")
         sock.settimeout(0.2)
@@ -238,13 +171,66 @@ def test_a_body_trickled_byte_by_byte_gets_408(gw: GatewayProc, key: str) -> Non
         assert answer.startswith(b"HTTP/1.1 408"), answer
         assert 1.4 < time.monotonic() - started < 6
     # Meanwhile and after, others are served.
-    with connect(gw) as sock:
-        sock.sendall(post(key))
+    with connect(gw.port) as sock:
+        sock.sendall(post(key, BODY))
         assert read_response(sock)[0] == 200
 
 
+def children(proc: GatewayProc) -> set[int]:
+    assert proc.proc.popen is not None
+    ppid = proc.proc.popen.pid
+    return {int(pid) for pid in Path(f"/proc/{ppid}/task/{ppid}/children").read_text().split()}
+
+
+def head_timeout_s(proc: GatewayProc, connections: int) -> list[float]:
+    """Open `connections` connections, start a head on each and never finish it: the seconds until each 408."""
+    socks = [connect(proc.port) for _ in range(connections)]
+    try:
+        started = time.monotonic()
+        for sock in socks:
+            sock.sendall(b"GET /livez HTTP/1.1\r\nHost: gw\r\n")
+        waited = []
+        for sock in socks:
+            sock.settimeout(8)
+            status, headers, _ = read_response(sock)
+            assert status == 408 and headers["connection"] == "close"
+            waited.append(time.monotonic() - started)
+        return waited
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_the_client_limits_reach_every_worker(sim: SimHandle, tmp_path: Path) -> None:
+    """With `--workers 2`, each worker builds its HTTP protocol's limits from the settings it reads: heads
+    never finished, on connections spread over the workers, get 408 after the configured 1 s (not the
+    default 10 s); after the file changes to 3 s, a SIGHUP restarts the workers with the new limit."""
+    config = {
+        "backends": [{"name": "sim", "kind": "vllm", "url": sim.url}],
+        "models": [{"name": "m", "backends": ["sim"]}],
+        "limits": {"client_header_timeout_s": 1.0},
+    }
+    proc = start_gateway(config, tmp_path, extra_args=("--workers", "2"), wait=False)
+    try:
+        wait_http(f"{proc.url}/readyz", timeout=90, proc=proc.proc.popen)  # two processes starting
+        assert max(head_timeout_s(proc, 8)) < 6
+        before = children(proc)
+        settings = yaml.safe_load(proc.config_path.read_text())
+        settings["limits"]["client_header_timeout_s"] = 3.0
+        proc.config_path.write_text(yaml.safe_dump(settings))
+        assert proc.proc.popen is not None
+        proc.proc.popen.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 120  # one worker after the other, each ready before the old one goes
+        while len(children(proc) - before) < 2 or len(before - children(proc)) < 2:  # both workers replaced
+            assert time.monotonic() < deadline, "the workers were not restarted"
+            time.sleep(0.1)
+        assert min(head_timeout_s(proc, 8)) > 2.5
+    finally:
+        proc.stop()
+
+
 def test_an_idle_keep_alive_connection_is_closed(gw: GatewayProc) -> None:
-    with connect(gw) as sock:
+    with connect(gw.port) as sock:
         sock.sendall(b"GET /livez HTTP/1.1\r\nHost: gw\r\n\r\n")
         assert read_response(sock)[0] == 200
         started = time.monotonic()
@@ -262,14 +248,14 @@ def test_an_idle_keep_alive_connection_is_closed(gw: GatewayProc) -> None:
     ids=["one-huge-header", "too-many-headers", "huge-target"],
 )
 def test_oversized_heads_get_431(gw: GatewayProc, head: bytes) -> None:
-    with connect(gw) as sock:
+    with connect(gw.port) as sock:
         sock.sendall(head)
         status, headers, _ = read_response(sock)
         assert status == 431 and headers["connection"] == "close"
 
 
 def test_a_header_value_sent_forever_is_cut_off(gw: GatewayProc) -> None:
-    with connect(gw) as sock:
+    with connect(gw.port) as sock:
         sock.sendall(b"GET /livez HTTP/1.1\r\nHost: gw\r\nX-Endless: ")
         answer = b""
         try:
@@ -291,7 +277,7 @@ def test_a_header_value_sent_forever_is_cut_off(gw: GatewayProc) -> None:
     ids=["garbage", "header-without-colon", "non-ascii-target"],
 )
 def test_malformed_requests_get_400(gw: GatewayProc, raw: bytes) -> None:
-    with connect(gw) as sock:
+    with connect(gw.port) as sock:
         sock.sendall(raw)
         status, headers, _ = read_response(sock)
         assert status == 400 and headers["connection"] == "close"
@@ -300,12 +286,12 @@ def test_malformed_requests_get_400(gw: GatewayProc, raw: bytes) -> None:
 def test_slow_clients_do_not_hold_the_gateway(gw: GatewayProc, key: str) -> None:
     """200 connections that start a head and never finish it: all are cut after the header timeout, and a
     normal request is served meanwhile."""
-    slow = [connect(gw) for _ in range(200)]
+    slow = [connect(gw.port) for _ in range(200)]
     try:
         for sock in slow:
             sock.sendall(b"GET /livez HTTP/1.1\r\nHost: gw\r\n")
-        with connect(gw) as sock:
-            sock.sendall(post(key))
+        with connect(gw.port) as sock:
+            sock.sendall(post(key, BODY))
             assert read_response(sock)[0] == 200
         time.sleep(1.5)
         assert all(closed_by_peer(sock, 3) for sock in slow)
@@ -330,7 +316,7 @@ def test_a_stream_reader_that_never_reads_holds_the_backend_back(gw: GatewayProc
     body = json.dumps(
         {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300_000, "stream": True}
     ).encode()
-    with connect(gw) as sock:
+    with connect(gw.port) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         sock.sendall(post(key, body))
         head = sock.recv(4096)
@@ -371,7 +357,7 @@ def test_the_protocols_own_errors_are_openai_shaped(gw: GatewayProc) -> None:
         ),
         (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nX-Slow: ", 408, "request_timeout"),
     ):
-        with connect(gw) as sock:
+        with connect(gw.port) as sock:
             sock.sendall(raw)
             got, headers, body = read_response(sock)
             assert got == status and headers["content-type"] == "application/json"
@@ -418,20 +404,20 @@ KEYLESS = b"Authorization: Bearer sk-gw-" + b"k" * 43 + b"\r\n"
     ],
 )
 def test_header_injection_and_smuggling_get_400(gw: GatewayProc, key: str, raw: bytes) -> None:
-    with connect(gw) as sock:
+    with connect(gw.port) as sock:
         sock.sendall(raw)
         status, headers, body = read_response(sock)
         assert status == 400 and headers["connection"] == "close"
         assert openai_error(body)["type"] == "invalid_request_error"
         assert closed_by_peer(sock, 2)
-    with connect(gw) as sock:  # the gateway serves the next client as usual
-        sock.sendall(post(key))
+    with connect(gw.port) as sock:  # the gateway serves the next client as usual
+        sock.sendall(post(key, BODY))
         assert read_response(sock)[0] == 200
 
 
 def models_with(gw: GatewayProc, *auth_lines: bytes) -> tuple[int, dict[str, object] | None]:
     head = b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n" + b"".join(b"%s\r\n" % line for line in auth_lines) + b"\r\n"
-    with connect(gw) as sock:
+    with connect(gw.port) as sock:
         sock.sendall(head)
         status, _, body = read_response(sock)
     return status, (openai_error(body) if status >= 400 else None)

@@ -3,8 +3,8 @@
 Why not aiohttp
 ---------------
 Measured alone, with no server in front (docs/bench/clients.md), aiohttp's client spends 90-170 µs of CPU
-per request, the largest single cost on the gateway's hot path and most of a 250 µs budget (4,000 req/s per
-worker, SPEC section 10). Most of that pays for generality the gateway never uses: URL objects, cookie jars,
+per request, the largest single cost on the gateway's hot path and most of a 250 µs budget (the gateway's target
+of 4,000 req/s per worker). Most of that pays for generality the gateway never uses: URL objects, cookie jars,
 redirects, tracing hooks, multidict headers, a StreamReader and a timer context per response. The gateway's
 needs are narrow: send a bytes body to a backend it knows, read the status and the body (whole, or chunk by
 chunk for SSE), and cut the connection when its own client goes away so that the backend stops generating.
@@ -31,10 +31,10 @@ Design
 - Flow control: when a consumer iterates slower than the backend sends, the transport stops reading
   once more than `HIGH_WATER` bytes are buffered and resumes when the consumer has taken them, so a slow
   client of the gateway holds TCP back-pressure against the backend instead of the gateway's memory.
-- Timeouts: connecting is bounded by `asyncio.timeout`; reading by an inactivity timer per connection
-  that arriving data and new requests only feed with the time: it is re-armed when it fires, not per chunk
-  or per request (a `call_at` and its `cancel` cost about 2.5 µs on uvloop, a tenth of a request). While
-  the transport is paused for a slow consumer the backend is not idle, so that time does not count.
+- Timeouts: connecting is bounded by `asyncio.timeout`; reading by an inactivity deadline per connection
+  (`deadline.Deadline`) that arriving data and new requests move later, with no timer armed or cancelled
+  per chunk or per request. While the transport is paused for a slow consumer the backend is not idle,
+  so that time does not count.
 - Cancellation: a task cancelled while it waits for the head or the body closes the connection, so the
   backend sees its client go away.
 - Push mode (`Response.stream_to`): body bytes go straight from the connection's `data_received` to a
@@ -67,6 +67,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from gateway.wire.deadline import Deadline
+
 __all__ = ["HIGH_WATER", "ConnectError", "Pool", "ProtocolError", "ReadTimeout", "Response", "UpstreamError"]
 
 #: Body bytes a `Response` may hold for its consumer before the connection stops reading from the socket.
@@ -79,8 +81,6 @@ _OWN_HEADERS: Final = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade"}
 )
 _NO_BODY_METHODS: Final = frozenset({"GET", "DELETE", "OPTIONS"})
-# A timer may fire up to a clock tick early; counting that as "not yet" would re-arm it in a busy loop.
-_TIMER_SLACK: Final = 0.001
 
 Headers = Mapping[str, str] | Sequence[tuple[bytes, bytes]]
 
@@ -269,18 +269,16 @@ class _Connection(asyncio.Protocol):
     """One keep-alive connection to a backend: writes requests, parses responses into `Response`s."""
 
     __slots__ = (
+        "_deadline",
         "_done",
         "_headers",
         "_informational",
         "_keep_alive",
-        "_last_io",
         "_parser",
         "_pool",
         "_received",
         "_resp",
         "_timeout",
-        "_timer",
-        "_timer_at",
         "_transport",
         "idle",
         "idle_since",
@@ -301,10 +299,9 @@ class _Connection(asyncio.Protocol):
         self._done = False
         self._keep_alive = False
         self._received = False  # any byte of the current response yet?
-        self._last_io = 0.0
+        # No byte from the backend for `_timeout` while a response is due: ReadTimeout.
         self._timeout = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._deadline = Deadline(loop, self._on_deadline)
         self.paused = False
         self.lost = False
         self.reused = False
@@ -328,18 +325,7 @@ class _Connection(asyncio.Protocol):
             transport.write(head)
             transport.write(body)
         loop = self.loop
-        self._last_io = now = loop.time()
-        # The inactivity timer outlives responses: arming and cancelling one per request costs about 2.5 µs
-        # on uvloop (a tenth of the whole request), so a timer still pending from an earlier request is
-        # kept, and re-armed from `_last_io` when it fires. A new one is needed only if none is pending or
-        # this request's deadline is earlier.
-        deadline = now + read_timeout_s
-        timer = self._timer
-        if timer is None or deadline < self._timer_at:
-            if timer is not None:
-                timer.cancel()
-            self._timer = loop.call_at(deadline, self._on_timer)
-            self._timer_at = deadline
+        self._deadline.at(loop.time() + read_timeout_s)
         waiter = loop.create_future()
         resp._waiter = waiter
         try:
@@ -362,23 +348,17 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None and not self.lost:
             self._transport.resume_reading()
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def _on_deadline(self) -> None:
         if self._resp is None:
-            return  # idle: the next request arms it again
-        loop = self.loop
-        now = loop.time()
+            return  # idle (not reachable: the deadline is cleared when a response ends)
         if self.paused:
-            self._last_io = now  # the consumer is behind, not the backend
-        deadline = self._last_io + self._timeout
-        if now < deadline - _TIMER_SLACK:
-            self._timer = loop.call_at(deadline, self._on_timer)
-            self._timer_at = deadline
+            self._deadline.at(self.loop.time() + self._timeout)  # the consumer is behind, not the backend
             return
         self._fail(ReadTimeout(f"the backend sent nothing for {self._timeout:g} s"))
 
     def _finish(self) -> None:
         """The response has arrived in full: back to the pool, or closed if the server wants that."""
+        self._deadline.clear()
         if self.paused:
             self.resume()
         if self._keep_alive and not self.lost:
@@ -403,18 +383,12 @@ class _Connection(asyncio.Protocol):
         if self.lost:
             return
         self.lost = True
-        self._cancel_timer()
+        self._deadline.close()
         self._pool._forget(self)
         if self._transport is not None:
             # abort, not close: nothing queued for this backend is worth sending any more, and the
             # backend should see the disconnect now.
             self._transport.abort()
-
-    def _cancel_timer(self) -> None:
-        timer = self._timer
-        if timer is not None:
-            self._timer = None
-            timer.cancel()
 
     # -- asyncio.Protocol --------------------------------------------------------------------------------
 
@@ -427,7 +401,7 @@ class _Connection(asyncio.Protocol):
             self._close()
             return
         self._received = True
-        self._last_io = self.loop.time()
+        self._deadline.at(self.loop.time() + self._timeout)
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -442,7 +416,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        self._cancel_timer()
+        self._deadline.close()
         self._pool._forget(self)
         self._parser = None  # type: ignore[assignment]  # it holds this connection: no cycle left behind
         resp = self._resp

@@ -7,7 +7,7 @@ Measured under load (docs/ARCHITECTURE.md), uvicorn's httptools protocol cost a 
 CPU per request: the head and the body of every answer in two writes (two syscalls), an `asyncio.Event`
 per request for the body, a `bytearray` copy of every body. And it has no deadline for a client that sends
 its head or body slowly (a slowloris holds a connection and its buffers for as long as it likes), which
-SPEC section 11 rules out. This protocol keeps uvicorn's contract with its server (`ServerState`'s
+the gateway must not allow. This protocol keeps uvicorn's contract with its server (`ServerState`'s
 connections and tasks, `shutdown()` for a graceful stop, the date header it refreshes every second) and
 does the HTTP part in the fewest steps:
 
@@ -18,34 +18,60 @@ does the HTTP part in the fewest steps:
 - flow control both ways: a body that arrives faster than the app reads it pauses the socket (64 KiB),
   and a client that reads its answer slower than the app writes it makes the app's `send` wait (the
   transport's high-water mark), which holds back-pressure up to the backend;
-- deadlines, all on one timer per connection that is re-armed only when it fires: the whole request head
-  within `header_timeout_s` of its first byte, the whole body within `body_timeout_s` of the head (408
-  otherwise), and an idle keep-alive connection closed after `keep_alive_s`;
+- deadlines, one at a time per connection (`deadline.Deadline`: moving it arms no timer): the whole
+  request head within `header_timeout_s` of its first byte, the whole body within `body_timeout_s` of the
+  head (408 otherwise), and an idle keep-alive connection closed after `keep_alive_s`;
 - bounds: a head larger than `max_header_bytes` or with more than `max_headers` fields gets 431, a request
   the parser rejects gets 400, both with `connection: close`;
 - a direct path for streams, outside ASGI: `scope["gateway.exchange"].write_body(data)` writes an event at
   once from the caller's own callback (the gateway's relay calls it from its upstream connection's
   `data_received`), saving a future and a task switch per event;
-- HTTP/1.1 keep-alive and pipelining (a request that arrives while the previous answer is still being
-  written waits, its socket paused), HTTP/1.0, `Expect: 100-continue`, HEAD.
+- HTTP/1.1 keep-alive and pipelining (below), HTTP/1.0, `Expect: 100-continue`, HEAD.
+
+Pipelining: one exchange at a time, and its deadlines only
+-----------------------------------------------------------
+Requests on a connection are answered one at a time, in the order they came. A request that arrives while
+an answer is still being written waits its turn: it is parsed as far as the end of its head, then the
+socket is paused until its turn. The deadlines of the connection are those of the exchange being
+answered; a waiting request's own deadlines do not run while it waits (the server is not reading it):
+its head deadline, if its head is unfinished, or its body deadline, if its body is, starts counting when
+the answer before it is complete. And the protocol's own refusal of a waiting request (400 malformed,
+431 too large) is written after the answers before it. So a client's next request can never cut the
+answer in progress: whatever is wrong with it is answered in its turn, then the connection closes.
+
+Answers before the body
+-----------------------
+The app may answer before the request's body has arrived in full (a 401 for a wrong key while a large
+body is still coming). The connection then stays open only if the rest of the body is known to be small
+(at most `_DRAIN_MAX` bytes left by its content-length) and the client is sending it (not waiting for a
+`100 Continue`): after the answer, the server reads the rest and drops it, within the request's body
+deadline (or closes), and the next request follows on the same connection. Otherwise the answer says
+`connection: close`, and the server closes gracefully: it shuts its side after the answer, and reads and
+drops what the client still sends for up to `_LINGER_S` (until the client closes its side, if sooner).
+Closing at once with unread bytes would make the kernel answer them with a reset, which can destroy the
+answer before the client has read it.
 
 Errors this module writes itself (a malformed head, a head too large, a timeout before the body was
 read, an app that failed before answering) happen before the app can answer, so the protocol writes them
-itself, in the same OpenAI shape as every other error (SPEC section 11): `{"error": {"message", "type",
+itself, in the same OpenAI shape as every other error the gateway writes: `{"error": {"message", "type",
 "param", "code"}}`, and closes the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
 import httptools
+
+from gateway.wire.deadline import Deadline
 
 __all__ = ["HttpLimits", "HttpProtocol"]
 
@@ -53,7 +79,12 @@ log = logging.getLogger("gateway.wire.httpserver")
 
 # Request body bytes buffered for the app before the socket stops reading.
 _READ_HIGH_WATER = 64 * 1024
-_TIMER_SLACK = 0.001
+# The most a request's body may still have to come, when the app has answered, for the connection to stay
+# open: the server reads that much and drops it (see the module docstring).
+_DRAIN_MAX = 64 * 1024
+# How long a connection that closes after an answer given before the body still reads (and drops) what the
+# client sends, so that the client reads the answer rather than a reset.
+_LINGER_S = 2.0
 _CLOSE = (b"connection", b"close")
 
 
@@ -70,14 +101,24 @@ def _status_line(status: int) -> bytes:
 _STATUS = {status: _status_line(status) for status in range(100, 600)}
 
 
+@dataclass(frozen=True, slots=True)
 class HttpLimits:
-    """Deadlines and sizes for clients; set once per process by `gateway.serve` (defaults are production's)."""
+    """Deadlines and sizes for clients, given to every connection's protocol (the defaults are production's)."""
 
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     keep_alive_s: float = 30.0
     max_header_bytes: int = 64 * 1024
     max_headers: int = 100
+
+    def __post_init__(self) -> None:
+        if min(self.header_timeout_s, self.body_timeout_s, self.keep_alive_s) <= 0:
+            raise ValueError("HTTP deadlines must be positive")
+        if self.max_header_bytes < 1 or self.max_headers < 1:
+            raise ValueError("HTTP head bounds must be positive")
+
+
+_DEFAULT_LIMITS = HttpLimits()
 
 
 class _Exchange:
@@ -98,6 +139,7 @@ class _Exchange:
         "keep_alive",
         "more_body",
         "pending_start",
+        "received",
         "rejected",
         "response_complete",
         "response_started",
@@ -110,7 +152,8 @@ class _Exchange:
         self.keep_alive = keep_alive
         self.continue_wanted = continue_wanted
         self.body: list[bytes] = []
-        self.body_size = 0
+        self.body_size = 0  # of `body`, the part not yet handed to the app
+        self.received = 0  # body bytes received in all
         self.more_body = True  # until the parser says the request is complete
         self.complete = False  # the request (head and body) has been parsed in full
         self.handed_over = False  # the app has received the whole body
@@ -125,6 +168,13 @@ class _Exchange:
         self._head_only = scope["method"] == "HEAD"
 
     # -- what the protocol calls ----------------------------------------------------------------------------
+
+    def rest_is_small(self) -> bool:
+        """Is what is left of the body known to be at most `_DRAIN_MAX` bytes (by its content-length)?"""
+        for name, value in self.scope["headers"]:
+            if name == b"content-length":
+                return int(value) - self.received <= _DRAIN_MAX  # the parser checked it is a number
+        return False  # chunked: no telling
 
     def wake(self) -> None:
         waiter = self._waiter
@@ -207,6 +257,9 @@ class _Exchange:
             status: int = message["status"]
             headers = list(message.get("headers", ()))
             self.pending_start = (status, headers)
+            if self.continue_wanted and not self.complete:
+                # The client waits for a `100 Continue` that will not come: it may never send that body.
+                self.keep_alive = False
             self.continue_wanted = False
             if not any(name.lower() == b"content-length" for name, _ in headers):
                 # A stream: the head goes out now, so the client sees the status before the first event.
@@ -267,6 +320,8 @@ class _Exchange:
             self._chunked = True
             parts.append(b"transfer-encoding: chunked\r\n")
             lines += 1
+        if not self.complete and not self.rest_is_small():
+            self.keep_alive = False  # an answer before a body with much left (see the module docstring)
         if not self.keep_alive or conn.closing:
             self.keep_alive = False
             parts.append(b"connection: close\r\n")
@@ -290,9 +345,14 @@ class _Exchange:
 
 
 class HttpProtocol(asyncio.Protocol):
-    """One client connection. Constructed by uvicorn's server (`uvicorn.Config(http=HttpProtocol)`)."""
+    """One client connection. Constructed by uvicorn's server: `uvicorn.Config(http=HttpProtocol)` for the
+    default limits, `uvicorn.Config(http=HttpProtocol.with_limits(limits))` for others."""
 
-    limits = HttpLimits
+    @classmethod
+    def with_limits(cls, limits: HttpLimits) -> Callable[..., HttpProtocol]:
+        """The protocol with `limits` bound, for `uvicorn.Config(http=...)`: uvicorn calls it as it would call
+        the class. (A partial of the class, so it can be pickled to `--workers` processes.)"""
+        return functools.partial(cls, limits=limits)
 
     def __init__(
         self,
@@ -300,9 +360,12 @@ class HttpProtocol(asyncio.Protocol):
         server_state: Any,
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        limits: HttpLimits = _DEFAULT_LIMITS,
     ) -> None:
         if not config.loaded:
             config.load()
+        self.limits = limits
         self.app = config.loaded_app
         self.loop = _loop or asyncio.get_event_loop()
         self._state = server_state
@@ -320,13 +383,19 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0  # of the head being parsed, counted from what the parser hands over
-        self._partial_head = 0  # bytes received while the head was incomplete
+        # Bytes received for a head still unfinished, after the read it began in (which is at most one read).
+        self._partial_head = 0
+        self._read_size = 0  # of the read being parsed
         self._in_head = False
         self._continue = False
-        # One timer for every deadline (see the module docstring); `_deadline` moves, the timer follows.
-        self._deadline = 0.0
+        # The protocol's own answer to a request waiting its turn (status, message), written in that turn.
+        self._refusal: tuple[int, str] | None = None
+        self._lingering = False  # closing: what arrives is dropped
+        # One deadline at a time, of the kind named (see the module docstring). Every deadline is at least
+        # the shortest limit away, so with that as the timer's longest sleep, moving one never arms a timer.
+        shortest = min(limits.header_timeout_s, limits.body_timeout_s, limits.keep_alive_s)
+        self._deadline = Deadline(self.loop, self._on_deadline, max_sleep=shortest)
         self._deadline_kind = "idle"
-        self._timer: asyncio.TimerHandle | None = None
         self.lost = False
         self.closing = False
         self.write_paused = False
@@ -347,32 +416,30 @@ class HttpProtocol(asyncio.Protocol):
         self._set_deadline("idle", self.limits.keep_alive_s)
 
     def data_received(self, data: bytes) -> None:
-        if self._parsing is None and not self._in_head:
-            # The first bytes of a request: its head must be complete within header_timeout_s.
-            self._in_head = True
-            self._partial_head = 0
-            self._set_deadline("head", self.limits.header_timeout_s)
+        if self._lingering:
+            return
+        self._read_size = len(data)
         try:
             self._parser.feed_data(data)
             if self._in_head:
-                # The head is still incomplete, so all of this was head: bound what the parser buffers
-                # (a header value sent forever would otherwise grow without limit).
+                # A head is still unfinished: bound what the parser buffers of it (a header value sent
+                # forever would otherwise grow without limit).
                 self._partial_head += len(data)
                 if self._partial_head > self.limits.max_header_bytes:
                     raise _HeadTooLarge
         except httptools.HttpParserUpgrade:
-            self._reject(400, "Protocol upgrades are not supported.")
+            self._refuse(400, "Protocol upgrades are not supported.")
         except _HeadTooLarge:
-            self._reject(431, "Request header fields too large.")
+            self._refuse(431, "Request header fields too large.")
         except httptools.HttpParserError as exc:
             # An exception raised in a parser callback arrives wrapped (HttpParserCallbackError).
             cause = exc.__context__
             if isinstance(cause, _HeadTooLarge):
-                self._reject(431, "Request header fields too large.")
+                self._refuse(431, "Request header fields too large.")
             elif isinstance(cause, _BadRequest):
-                self._reject(400, str(cause))
+                self._refuse(400, str(cause))
             else:
-                self._reject(400, "Invalid HTTP request.")
+                self._refuse(400, "Invalid HTTP request.")
 
     def eof_received(self) -> bool | None:
         return None  # half-closed by the client: close; connection_lost tells the app
@@ -381,9 +448,7 @@ class HttpProtocol(asyncio.Protocol):
         self.lost = True
         self._state.connections.discard(self)
         self._parser = None  # type: ignore[assignment]  # it holds this protocol: no cycle left behind
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.close()
         for exchange in (self._active, self._parsing, *self._queue):
             if exchange is not None:
                 exchange.wake()
@@ -423,6 +488,11 @@ class HttpProtocol(asyncio.Protocol):
         self._continue = False
         self._in_head = True
         self._head_bytes = 0
+        self._partial_head = -self._read_size  # this read is counted once the head is seen unfinished
+        if self._active is None:
+            # Its head must be complete within header_timeout_s of its first byte. A request pipelined
+            # behind an answer gets that deadline in its turn (`_next`).
+            self._set_deadline("head", self.limits.header_timeout_s)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -475,8 +545,6 @@ class HttpProtocol(asyncio.Protocol):
         # Not ASGI: lets the stream relay write without a task switch per event (`_Exchange.write_body`).
         scope["gateway.exchange"] = exchange
         self._parsing = exchange
-        # The body must arrive within body_timeout_s (a trickled body would hold the connection forever).
-        self._set_deadline("body", self.limits.body_timeout_s)
         if self._active is None:
             self._start(exchange)
         else:
@@ -485,10 +553,11 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         exchange = self._parsing
-        if exchange is None:
-            return
+        if exchange is None or exchange.response_complete:
+            return  # answered already: the rest of its body is dropped
         exchange.body.append(body)
         exchange.body_size += len(body)
+        exchange.received += len(body)
         if exchange.body_size > _READ_HIGH_WATER:
             self._pause_reading()
         exchange.wake()
@@ -501,16 +570,26 @@ class HttpProtocol(asyncio.Protocol):
         exchange.more_body = False
         exchange.complete = True
         exchange.wake()
-        if self._active is not None:
-            # The app is answering (this request or one before it): no deadline of ours applies.
-            self._deadline_kind = "busy"
+        if exchange is self._active:
+            if exchange.response_complete:
+                # The rest of a body answered early has been dropped: the next request's turn.
+                self._active = None
+                self._next()
+            else:
+                # The app is answering: no deadline of ours applies until the answer is complete.
+                self._deadline.clear()
 
     # -- exchanges -----------------------------------------------------------------------------------------
 
     def _start(self, exchange: _Exchange) -> None:
+        """`exchange`'s turn: the app is called for it."""
         self._active = exchange
         if exchange.complete:
-            self._deadline_kind = "busy"
+            self._deadline.clear()
+        else:
+            # The body must arrive within body_timeout_s of the request's turn (a trickled body would hold
+            # the connection forever).
+            self._set_deadline("body", self.limits.body_timeout_s)
         task = self.loop.create_task(self._run(exchange))
         tasks = self._state.tasks
         tasks.add(task)
@@ -550,20 +629,36 @@ class HttpProtocol(asyncio.Protocol):
         """The answer to `exchange` has been written in full."""
         if self._active is not exchange:
             return
-        self._active = None
         self._state.total_requests += 1
         if not exchange.keep_alive or self.closing:
-            self.close()
+            self._active = None
+            if exchange.complete:
+                self.close()
+            else:
+                self._linger()
             return
         if not exchange.complete:
-            # The app answered before reading the whole body: the rest of it would be read as the next
-            # request's head. Not worth the bookkeeping: close.
-            self.close()
+            # Answered before its body arrived, with little of it left: the rest is read and dropped
+            # (within its body deadline, still running), then comes the next request's turn.
+            exchange.body.clear()
+            exchange.body_size = 0
+            self._resume_reading()
+            return
+        self._active = None
+        self._next()
+
+    def _next(self) -> None:
+        """The answer before is complete: the next request's turn, or the refusal of it, or idle time."""
+        if self._refusal is not None and not self._queue:
+            self._reject(*self._refusal)
             return
         self._resume_reading()
         if self._queue:
             self._start(self._queue.popleft())
-        elif self._parsing is None and not self._in_head:
+        elif self._in_head:
+            # A head that began while the answer before was written: timed from its turn, now.
+            self._set_deadline("head", self.limits.header_timeout_s)
+        else:
             self._set_deadline("idle", self.limits.keep_alive_s)
 
     # -- writing, flow control, closing -----------------------------------------------------------------------
@@ -593,10 +688,11 @@ class HttpProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         """Graceful stop (uvicorn calls it): close when idle, else after the current answer."""
         self.closing = True
-        if self._active is None and self._parsing is None:
+        active = self._active
+        if active is None or active.response_complete:  # idle, or dropping the rest of an answered body
             self.close()
-        elif self._active is not None:
-            self._active.keep_alive = False
+        else:
+            active.keep_alive = False
 
     def resume_reading(self) -> None:
         """The app took the buffered body: read more (unless a pipelined request is waiting its turn)."""
@@ -609,12 +705,42 @@ class HttpProtocol(asyncio.Protocol):
             self._transport.pause_reading()
 
     def _resume_reading(self) -> None:
-        if self._read_paused and self._transport is not None and not self.lost:
+        if self._read_paused and self._transport is not None and not self.lost and self._refusal is None:
             self._read_paused = False
             self._transport.resume_reading()
 
+    def _linger(self) -> None:
+        """Close after an answer written before the request's body arrived (see the module docstring)."""
+        transport = self._transport
+        if transport is None or self.lost or transport.is_closing():
+            return
+        if not transport.can_write_eof():  # TLS: no half-close
+            self.close()
+            return
+        self._lingering = True
+        self._parsing = None
+        transport.write_eof()  # after what is buffered: the client reads the answer, then the end
+        self._resume_reading()
+        self._set_deadline("linger", _LINGER_S)
+
+    def _refuse(self, status: int, message: str) -> None:
+        """The request being parsed is refused by the protocol itself: now if it is the one being answered or
+        none is; otherwise in its turn, after the answers before it (see the module docstring)."""
+        active = self._active
+        parsing = self._parsing
+        if active is None or parsing is active:
+            self._reject(status, message)
+            return
+        # A request waiting its turn (or the head of one): the app never sees it; reading stops here.
+        if parsing is not None and self._queue and self._queue[-1] is parsing:
+            self._queue.pop()
+        self._parsing = None
+        self._in_head = False
+        self._refusal = (status, message)
+        self._pause_reading()
+
     def _reject(self, status: int, message: str) -> None:
-        """Answer with a plain-text error and close (the request cannot be handed to the app)."""
+        """Answer with an error and close (the request cannot be handed to the app)."""
         self._parsing = None
         active = self._active
         if active is not None and active.response_started:
@@ -639,26 +765,13 @@ class HttpProtocol(asyncio.Protocol):
 
     def _set_deadline(self, kind: str, seconds: float) -> None:
         self._deadline_kind = kind
-        self._deadline = self.loop.time() + seconds
-        if self._timer is None:
-            self._arm()
+        self._deadline.at(self.loop.time() + seconds)
 
-    def _arm(self) -> None:
-        # The timer ticks at most every header_timeout_s (the shortest deadline) while the connection lives,
-        # and is never cancelled: moving a deadline costs an assignment, not a timer (about 2.5 us each).
-        tick = self.loop.time() + self.limits.header_timeout_s
-        deadline = self._deadline if self._deadline_kind != "busy" else tick
-        self._timer = self.loop.call_at(min(deadline, tick), self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
+    def _on_deadline(self) -> None:
         if self.lost:
             return
         kind = self._deadline_kind
-        if kind == "busy" or self.loop.time() < self._deadline - _TIMER_SLACK:
-            self._arm()
-            return
-        if kind == "idle":
+        if kind in ("idle", "linger"):
             self.close()
             return
         active = self._active

@@ -13,10 +13,11 @@ Design
 - One connection per client, shared by every request: commands are pipelined (Redis answers in order),
   so there is no pool and no checkout. Commands issued in one turn of the event loop go out in one write.
 - Encoding and parsing are hiredis's (`pack_command`, `Reader`), in C.
-- Timeouts: no caller waits longer than `timeout_s`. One timer watches the oldest outstanding command
-  (replies arrive in order, so it is the first to be late); when it is late, the connection is failed,
-  every waiting command gets `TimeoutError`, and the next command reconnects. A timer per command would
-  cost more than the rest of the command.
+- Timeouts: no caller waits longer than `timeout_s`. One deadline (`deadline.Deadline`) watches the
+  oldest outstanding command (replies arrive in order, so it is the first to be late); when it is late,
+  the connection is failed, every waiting command gets `TimeoutError`, and the next command reconnects.
+  A reply moves the deadline to the next command's with an assignment: a timer armed and cancelled per
+  command would cost more than the rest of the command.
 - Failure: a refused or lost connection fails the waiting commands with `ConnectionError` at once; the next
   command tries to connect again (each attempt bounded by `timeout_s`). Nothing is retried here: the quota
   store's failure mode decides what a failure means.
@@ -39,10 +40,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import hiredis
 from redis import exceptions as rx
 
-__all__ = ["PipelinedRedis"]
+from gateway.wire.deadline import Deadline
 
-# A timer may fire up to a clock tick early; counting that as "not late" would re-arm it in a busy loop.
-_TIMER_SLACK = 0.001
+__all__ = ["PipelinedRedis"]
 
 
 def _pack(args: tuple[Any, ...]) -> bytes:
@@ -62,7 +62,8 @@ class _Protocol(asyncio.Protocol):
         self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._out: list[bytes] = []
         self._flush_scheduled = False
-        self._timer: asyncio.TimerHandle | None = None
+        # The oldest waiting command's deadline (the others' are later: one timeout for all).
+        self._deadline = Deadline(loop, self._on_deadline)
         self.lost = False
 
     # -- commands ------------------------------------------------------------------------------------------
@@ -76,8 +77,8 @@ class _Protocol(asyncio.Protocol):
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        if self._timer is None:
-            self._timer = loop.call_at(deadline, self._on_timer)
+        if self._deadline.when is None:  # the only command waiting: its deadline is the oldest
+            self._deadline.at(deadline)
         return fut
 
     def _flush(self) -> None:
@@ -90,23 +91,15 @@ class _Protocol(asyncio.Protocol):
         out.clear()
         self._transport.write(data)
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        if not self.waiting:
-            return
-        deadline = self.waiting[0][1]
-        if self._loop.time() < deadline - _TIMER_SLACK:
-            self._timer = self._loop.call_at(deadline, self._on_timer)
-            return
-        self.fail(rx.TimeoutError("Timeout reading from the quota Redis"))
+    def _on_deadline(self) -> None:
+        if self.waiting:
+            self.fail(rx.TimeoutError("Timeout reading from the quota Redis"))
 
     def fail(self, exc: Exception) -> None:
         """Fail every waiting command and close: a pipeline cannot skip a reply it never got."""
         self.lost = True
         self._owner._forget(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.close()
         waiting, self.waiting = self.waiting, deque()
         for fut, _ in waiting:
             if not fut.done():
@@ -146,11 +139,10 @@ class _Protocol(asyncio.Protocol):
             except hiredis.ProtocolError as exc:
                 self.fail(rx.ConnectionError(f"invalid reply from the quota Redis: {exc}"))
                 return
-        if not waiting and self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        elif waiting and self._timer is None:
-            self._timer = self._loop.call_at(waiting[0][1], self._on_timer)
+        if waiting:
+            self._deadline.at(waiting[0][1])
+        else:
+            self._deadline.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost:

@@ -18,7 +18,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import load_settings
-from gateway.serve import configure_http, uvicorn_config
+from gateway.serve import uvicorn_config
 
 
 async def _request(port: int, raw: bytes, *, read: int | None = None) -> bytes:
@@ -88,7 +88,6 @@ async def _drive(port: int, admin: str, key: str) -> dict[str, object]:
 def main() -> None:
     config_path, admin, key = sys.argv[1:4]
     settings = load_settings(config_path)
-    configure_http(settings)
     app = create_app(settings)
     server = uvicorn.Server(uvicorn_config(app, settings, "127.0.0.1", settings.listen.port))
     result: dict[str, object] = {}
