@@ -1,2 +1,3 @@
-"""Operating the gateway: the admin REST API (`api`), its command line (`cli`), the live per-tenant
-statistics (`stats`) and the web console (`console/`) that draws them."""
+"""Operating the gateway: the admin REST API (`api` builds it from `routes/`, one module per resource, with
+`schemas`, `context` and `errors`), its command line (`cli`), the live per-tenant statistics (`stats`) and the
+web console (`console/`) that draws them."""
