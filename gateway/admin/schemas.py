@@ -17,6 +17,7 @@ from gateway.tenancy import CACHE_SCOPE, TENANT_ID, AuditEntry, Budget, Quotas, 
 __all__ = [
     "ERROR_RESPONSES",
     "AuditPage",
+    "BudgetPatch",
     "ErrorBody",
     "ErrorDetail",
     "KeyCreated",
@@ -24,6 +25,8 @@ __all__ = [
     "KeyOut",
     "KeyPatch",
     "KeyUsage",
+    "OnLimit",
+    "OnLimitPatch",
     "RotateIn",
     "TenantIn",
     "TenantPage",
@@ -34,11 +37,12 @@ __all__ = [
 ]
 
 _Action = Annotated[str, Field(pattern=r"^(reject|downgrade:.+)$")]
+_QueueAction = Annotated[str, Field(pattern=r"^(reject|fallback|downgrade:.+)$")]
 
 
-class _OnLimit(TypedDict, total=False):
-    """What a refusal of each limit does (tenancy.Tenant checks the same): reject, or serve a smaller
-    model; a full queue may also fall back to a later backend of the model."""
+class OnLimit(TypedDict, total=False):
+    """What a refusal of each limit does: `reject` (429, the default), or `downgrade:<model>` (serve a
+    smaller model); a full queue may also `fallback` to a later backend of the model."""
 
     __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
 
@@ -47,17 +51,35 @@ class _OnLimit(TypedDict, total=False):
     concurrency: _Action
     inflight_tokens: _Action
     budget: _Action
-    queue: Annotated[str, Field(pattern=r"^(reject|fallback|downgrade:.+)$")]
+    queue: _QueueAction
+
+
+class OnLimitPatch(TypedDict, total=False):
+    """Changes to `on_limit`: a limit left out keeps its action, `null` sets it back to `reject`."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+
+    rpm: _Action | None
+    tpm: _Action | None
+    concurrency: _Action | None
+    inflight_tokens: _Action | None
+    budget: _Action | None
+    queue: _QueueAction | None
 
 
 _Pattern = Annotated[str, Field(min_length=1, max_length=200)]
-# The default of a PATCH field that cannot be null: absent means unchanged; pydantic never validates a
-# default, while a `null` sent in the body is refused (422) like any other wrong type.
-_UNSET: Any = None
 _Weight = Annotated[float, Field(gt=0, le=1_000_000)]
 _Priority = Annotated[int, Field(ge=-100, le=100)]
 _Scope = Annotated[str, Field(pattern=CACHE_SCOPE)]
 _UserField = Literal["passthrough", "tenant", "strip"]
+_Period = Literal["day", "week", "month"]
+# The default of a PATCH field that cannot be null: pydantic never validates a default, and only the
+# members a request sent are merged, so it is never used.
+_ABSENT: Any = None
+# The PATCH bodies are JSON merge patches (see gateway/admin/patch.py): a field left out is unchanged and
+# `null` removes it (back to its default), so a field may be null wherever it has a default, and none is
+# required. Their
+# defaults are never stored: only the members a request sent are merged.
 
 
 class TenantIn(BaseModel):
@@ -73,25 +95,37 @@ class TenantIn(BaseModel):
     cache_scope: _Scope = "tenant"
     allow_client_salt: bool = False
     user_field: _UserField = "passthrough"
-    on_limit: _OnLimit = Field(default_factory=lambda: _OnLimit())
+    on_limit: OnLimit = Field(default_factory=lambda: OnLimit())
+
+
+class BudgetPatch(BaseModel):
+    """Changes to the budget. `amount` cannot be null: send `"budget": null` to remove the budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    amount: float = Field(default=_ABSENT, ge=0)
+    period: _Period | None = None
 
 
 class TenantPatch(BaseModel):
-    """Partial update: only the fields present change. `null` is accepted (and documented) only where it
-    means something: no name, no budget."""
+    """A JSON merge patch (RFC 7396) of a tenant: a field left out is unchanged; `null` removes it, back to
+    its default (no name, weight 1, priority 0, every model, no limit, no budget, cache scope `tenant`);
+    `limits`, `budget` and `on_limit` merge member by member (`{"limits": {"rpm": 60}}` changes rpm
+    only, `{"limits": {"tpm": null}}` removes the tpm limit); `models` is replaced whole. A budget change
+    without `amount` needs a budget to change (409 otherwise)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, max_length=200)
-    weight: _Weight = _UNSET
-    priority: _Priority = _UNSET
-    models: list[_Pattern] = _UNSET
-    limits: Quotas = _UNSET
-    budget: Budget | None = None
-    cache_scope: _Scope = _UNSET
-    allow_client_salt: bool = _UNSET
-    user_field: _UserField = _UNSET
-    on_limit: _OnLimit = _UNSET
+    weight: _Weight | None = None
+    priority: _Priority | None = None
+    models: list[_Pattern] | None = None
+    limits: Quotas | None = None
+    budget: BudgetPatch | None = None
+    cache_scope: _Scope | None = None
+    allow_client_salt: bool | None = None
+    user_field: _UserField | None = None
+    on_limit: OnLimitPatch | None = None
 
 
 class KeyIn(BaseModel):
@@ -104,16 +138,17 @@ class KeyIn(BaseModel):
 
 
 class KeyPatch(BaseModel):
-    """Partial update. `null` means: no name, the tenant's models, no expiry; `limits` and `disabled`
-    cannot be null."""
+    """A JSON merge patch (RFC 7396) of a key: a field left out is unchanged; `null` removes it, back to
+    its default (no name, the tenant's models, no limit, no expiry, enabled); `limits` merges member by
+    member; `models` is replaced whole."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, max_length=200)
     models: list[_Pattern] | None = None
-    limits: Quotas = _UNSET
-    expires_at: float | None = None
-    disabled: bool = _UNSET
+    limits: Quotas | None = None
+    expires_at: float | None = Field(default=None, description="Unix time after which the key stops working.")
+    disabled: bool | None = None
 
 
 class RotateIn(BaseModel):

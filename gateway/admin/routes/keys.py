@@ -7,10 +7,9 @@ import time
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import ValidationError
 
+from gateway.admin import patch
 from gateway.admin.context import AdminContext, Ctx, audit, key_or_404, tenant_or_404, unmanaged
-from gateway.admin.errors import as_422
 from gateway.admin.schemas import KeyCreated, KeyIn, KeyOut, KeyPatch, RotateIn
 from gateway.auth.keys import generate_key, hash_key, new_key_id
 from gateway.errors import ConflictError
@@ -42,17 +41,14 @@ async def get_key(key_id: str, ctx: Ctx) -> dict[str, Any]:
 
 @router.patch("/keys/{key_id}", response_model=KeyOut)
 async def update_key(key_id: str, body: KeyPatch, ctx: Ctx) -> dict[str, Any]:
+    """A JSON merge patch (RFC 7396): only the fields sent change, `null` removes one (back to its
+    default), and `limits` merges member by member."""
     record = unmanaged(await key_or_404(ctx.store, key_id), f"key {key_id!r}")
-    changes = body.model_dump(exclude_unset=True)
-    try:
-        # Validated as a whole (model_copy would not): `{"disabled": null}` or `{"limits": null}` stored
-        # as is made every later read of the key fail, and its requests with it.
-        updated = KeyRecord(**{**record.model_dump(), **changes})
-    except ValidationError as exc:
-        raise as_422(exc) from None
+    changes = patch.changes(body)
+    updated = patch.apply(record, changes)
     await ctx.store.put_key(updated)
     ctx.authenticator.invalidate(record.secret_hash)
-    await audit(ctx.store, "key.update", f"key:{key_id}", changes=body.model_dump(exclude_unset=True))
+    await audit(ctx.store, "key.update", f"key:{key_id}", changes=changes)
     return _key_out(updated)
 
 

@@ -8,9 +8,11 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from pydantic import ValidationError
 
+from gateway.admin import patch
 from gateway.admin.context import Ctx, audit, tenant_or_404, unmanaged
 from gateway.admin.errors import as_422
 from gateway.admin.schemas import TenantIn, TenantPage, TenantPatch
+from gateway.errors import ConflictError
 from gateway.tenancy import Tenant
 
 __all__ = ["router"]
@@ -49,12 +51,20 @@ async def get_tenant(tenant_id: str, ctx: Ctx) -> Tenant:
 
 @router.patch("/tenants/{tenant_id}", response_model=Tenant)
 async def update_tenant(tenant_id: str, body: TenantPatch, ctx: Ctx) -> Tenant:
+    """A JSON merge patch (RFC 7396): only the fields sent change, `null` removes one (back to its
+    default), and `limits`, `budget` and `on_limit` merge member by member."""
     tenant = unmanaged(await tenant_or_404(ctx.store, tenant_id), f"tenant {tenant_id!r}")
-    changes = body.model_dump(exclude_unset=True)
-    try:
-        updated = Tenant(**{**tenant.model_dump(), **changes})
-    except ValidationError as exc:
-        raise as_422(exc) from None
+    changes = patch.changes(body)
+    new_budget = changes.get("budget")
+    if tenant.budget is None and new_budget is not None and "amount" not in new_budget:
+        # `{"budget": {"period": "week"}}` is right for a tenant with a budget (the document allows it):
+        # the conflict is with this tenant's state, hence 409, not 422.
+        raise ConflictError(
+            f"tenant {tenant_id!r} has no budget to change; give budget.amount to set one",
+            param="budget.amount",
+            code="no_budget",
+        )
+    updated = patch.apply(tenant, changes)
     await ctx.store.put_tenant(updated)
     ctx.metrics.know_tenant(updated.id, updated.weight)
     ctx.authenticator.invalidate()  # cached principals carry the old policy
