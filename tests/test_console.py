@@ -1,7 +1,8 @@
 """The admin console (/console/): how its files are served, that the package ships them with the vendored
 chart library unchanged, the console's rate and merge-patch arithmetic (Node's test runner), and the whole
 console in Debian's Chromium driven by playwright-core (tests/browser/console.mjs) against a real gateway
-and simulator under load. Screenshots go to the test's tmp dir and to .artifacts/console/ (git-ignored)."""
+and simulator under load, down to the admin API reference it renders from /openapi.json. Screenshots go to
+the test's tmp dir and to .artifacts/console/ (git-ignored)."""
 
 from __future__ import annotations
 
@@ -95,6 +96,8 @@ def test_assets_are_served_with_strict_headers(gw: GatewayProc) -> None:
         "/console/app.css": "text/css; charset=utf-8",
         "/console/vendor/uPlot.iife.min.js": "text/javascript; charset=utf-8",
         "/console/favicon.svg": "image/svg+xml",
+        "/console/api.html": "text/html; charset=utf-8",
+        "/console/js/reference.js": "text/javascript; charset=utf-8",
     }
     for path, content_type in types.items():
         resp = httpx.get(gw.url + path)
@@ -112,6 +115,11 @@ def test_assets_are_served_with_strict_headers(gw: GatewayProc) -> None:
 
     redirect = httpx.get(gw.url + "/console")
     assert redirect.status_code == 308 and redirect.headers["location"] == "/console/"
+    # FastAPI's own documentation pages would load Swagger UI and ReDoc from a CDN: they lead to the
+    # reference the console renders from its own files instead.
+    for old in ("/docs", "/redoc"):
+        moved = httpx.get(gw.url + old)
+        assert moved.status_code == 308 and moved.headers["location"] == "/console/api.html", old
     refused = httpx.post(gw.url + "/console/", content=b"x")
     assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD"
     assert refused.json()["error"]["code"] == "method_not_allowed"
@@ -278,7 +286,16 @@ def test_console_in_chromium(gw: GatewayProc, node_modules: Path, tmp_path: Path
     assert first["cutLabels"] == [] and seen["narrowCutLabels"] == [] and seen["probeCharts"] == 3
     # Every field has a label and every control a name, on every page visited.
     assert all(found == [] for found in seen["a11y"].values()), seen["a11y"]
-    assert set(seen["a11y"]) >= {"tenantForm", "secretDialog", "keys", "live", "fairness", "tenants", "settings"}
+    assert set(seen["a11y"]) >= {
+        "tenantForm",
+        "secretDialog",
+        "keys",
+        "live",
+        "fairness",
+        "tenants",
+        "settings",
+        "reference",
+    }
 
     # What the console did is what the admin API now says.
     admin = {"Authorization": f"Bearer {gw.admin_key}"}
@@ -301,6 +318,17 @@ def test_console_in_chromium(gw: GatewayProc, node_modules: Path, tmp_path: Path
         "max_queue_depth": None,
     }
 
+    # The API reference shows every operation and schema of the document, and its links lead somewhere.
+    doc = httpx.get(gw.url + "/openapi.json").json()
+    operations = {f"{m.upper()} {p}" for p, ops in doc["paths"].items() for m in ops}
+    reference = seen["reference"]
+    assert set(reference["operations"]) == operations and len(reference["operations"]) == len(operations)
+    assert sorted(reference["schemas"]) == sorted(doc["components"]["schemas"])
+    assert reference["brokenLinks"] == [] and "TenantPatch" in reference["patchBody"]
+    keys = httpx.get(gw.url + "/admin/tenants/acme/keys", headers=admin).json()
+    assert sorted((k["name"], k["revoked"]) for k in keys) == [("ci", True), ("load", False), ("load", False)]
+    actions = [e["action"] for e in httpx.get(gw.url + "/admin/audit", headers=admin).json()["data"]]
+    assert {"tenant.create", "key.create", "key.revoke", "key.rotate", "tenant.update"} <= set(actions)
     assert time.monotonic() - started < 240
     for name in (
         "01-login",
@@ -311,5 +339,6 @@ def test_console_in_chromium(gw: GatewayProc, node_modules: Path, tmp_path: Path
         "07b-live-no-429s",
         "10-narrow-live",
         "10a-narrow-time-axis",
+        "13-api-reference",
     ):
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 10_000, name

@@ -5,7 +5,7 @@
 // watches the live view and the fairness view, and prints what it saw as one JSON line; the Python test
 // asserts on it. Every browser request to anything but the gateway's origin is refused and recorded.
 // Along the way it records the body of every PATCH the page sends, checks the charts' time labels fit
-// their canvas.
+// their canvas, and ends on the admin API reference (api.html).
 
 import { readFileSync } from "node:fs";
 import { mkdtempSync, rmSync } from "node:fs";
@@ -47,7 +47,7 @@ await context.route("**/*", (route) => {
   }
   return route.continue();
 });
-const page = context.pages()[0] || (await context.newPage());
+let page = context.pages()[0] || (await context.newPage());
 seen.patches = [];
 page.on("request", (r) => {
   if (r.method() === "PATCH") seen.patches.push({ path: new URL(r.url()).pathname, body: r.postDataJSON() });
@@ -495,6 +495,31 @@ try {
   await page.locator(".facts", { hasText: "Weight 2" }).waitFor();
   seen.factsAfterEdit = await page.locator(".facts").textContent();
   step("tenant edited");
+
+  // --- the admin API reference, from the header (a new tab) ---------------------------------------------
+
+  const [reference] = await Promise.all([context.waitForEvent("page"), page.getByRole("link", { name: /API reference/ }).click()]);
+  reference.on("pageerror", (e) => seen.consoleErrors.push(`reference pageerror: ${e.message}`));
+  reference.on("console", (m) => {
+    if (m.type() === "error" || m.type() === "warning") seen.consoleErrors.push(`reference ${m.type()}: ${m.text()}`);
+  });
+  await reference.locator("#reference[data-operations]").waitFor({ timeout: 20000 });
+  seen.reference = await reference.evaluate(() => ({
+    operations: [...document.querySelectorAll("[data-operation]")].map((el) => el.dataset.operation),
+    schemas: [...document.querySelectorAll("[data-schema]")].map((el) => el.dataset.schema),
+    title: document.title,
+    patchBody: document.querySelector('[data-operation="PATCH /admin/tenants/{tenant_id}"]')?.textContent || "",
+    brokenLinks: [...document.querySelectorAll('a[href^="#"]')].filter((a) => a.getAttribute("href").length > 1 && !document.getElementById(a.getAttribute("href").slice(1))).map((a) => a.getAttribute("href")),
+  }));
+  await reference.screenshot({ path: join(shots, "13-api-reference.png") });
+  await reference.locator('[data-schema="TenantPatch"]').scrollIntoViewIfNeeded();
+  await reference.screenshot({ path: join(shots, "14-api-reference-schema.png") });
+  const mainPage = page;
+  page = reference; // unlabelled() reads the current page
+  a11y.reference = await unlabelled();
+  page = mainPage;
+  await reference.close();
+  step("reference read");
 
 } catch (err) {
   // Leave a picture and what was seen so far, for whoever reads the failing test.
