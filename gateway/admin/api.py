@@ -5,6 +5,7 @@ Where things are (the document is rendered for people at `/console/api.html`):
     api.py          create_admin_app(): the app, its error handlers, the routers mounted behind the key check
     context.py      AdminContext, the admin-key check, 404/409 lookups, the audit write
     schemas.py      request and response bodies (the OpenAPI document's schemas)
+    patch.py        updates as JSON merge patches (RFC 7396), validated as a whole
     errors.py       every refusal in OpenAI's error shape; `param` names the field
     routes/         one module per resource: tenants, keys, usage, stats, audit
 

@@ -231,6 +231,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or wrong admin key"},
     403: {"model": ErrorBody, "description": "A tenant's virtual key"},
     404: {"model": ErrorBody, "description": "No such tenant or key"},
-    409: {"model": ErrorBody, "description": "Conflict: exists already, config-managed, or revoked"},
+    409: {
+        "model": ErrorBody,
+        "description": "Conflict: exists already, config-managed, revoked, or a budget change with no budget to change",
+    },
     422: {"model": ErrorBody, "description": "Invalid field; `param` names it"},
 }
