@@ -8,7 +8,7 @@ say; taking an unambiguous value is neither a server error nor a wrong answer. A
 that does not match the document (status, content type, headers, body schema), a refused request the
 document allows, an ignored admin key, a wrong `Allow` header: each fails this test.
 
-Bugs this found are fixed in gateway/admin.py and pinned by tests in test_admin.py.
+Bugs this found are fixed in gateway/admin/ and pinned by tests in test_admin.py.
 """
 
 from __future__ import annotations

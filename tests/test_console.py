@@ -1,7 +1,8 @@
 """The admin console (/console/): how its files are served, that the package ships them with the vendored
-chart library unchanged, the console's rate arithmetic (Node's test runner), and the whole console in
-Debian's Chromium driven by playwright-core (tests/browser/console.mjs) against a real gateway and
-simulator under load. Screenshots go to the test's tmp dir and to .artifacts/console/ (git-ignored)."""
+chart library unchanged, the console's rate and merge-patch arithmetic (Node's test runner), and the whole
+console in Debian's Chromium driven by playwright-core (tests/browser/console.mjs) against a real gateway
+and simulator under load, down to the admin API reference it renders from /openapi.json. Screenshots go to
+the test's tmp dir and to .artifacts/console/ (git-ignored)."""
 
 from __future__ import annotations
 
@@ -95,6 +96,8 @@ def test_assets_are_served_with_strict_headers(gw: GatewayProc) -> None:
         "/console/app.css": "text/css; charset=utf-8",
         "/console/vendor/uPlot.iife.min.js": "text/javascript; charset=utf-8",
         "/console/favicon.svg": "image/svg+xml",
+        "/console/api.html": "text/html; charset=utf-8",
+        "/console/js/reference.js": "text/javascript; charset=utf-8",
     }
     for path, content_type in types.items():
         resp = httpx.get(gw.url + path)
@@ -112,6 +115,11 @@ def test_assets_are_served_with_strict_headers(gw: GatewayProc) -> None:
 
     redirect = httpx.get(gw.url + "/console")
     assert redirect.status_code == 308 and redirect.headers["location"] == "/console/"
+    # FastAPI's own documentation pages would load Swagger UI and ReDoc from a CDN: they lead to the
+    # reference the console renders from its own files instead.
+    for old in ("/docs", "/redoc"):
+        moved = httpx.get(gw.url + old)
+        assert moved.status_code == 308 and moved.headers["location"] == "/console/api.html", old
     refused = httpx.post(gw.url + "/console/", content=b"x")
     assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD"
     assert refused.json()["error"]["code"] == "method_not_allowed"
@@ -174,14 +182,13 @@ def test_package_ships_the_console_and_the_vendored_library_unchanged(node_modul
             assert "http://" not in path.read_text() and "https://" not in path.read_text(), path
 
 
-def test_rate_arithmetic() -> None:
+@pytest.mark.parametrize("suite", ["rates.test.mjs", "patch.test.mjs"])
+def test_console_arithmetic(suite: str) -> None:
     node = shutil.which("node")
     assert node, "Node.js is needed for the console's tests"
-    result = subprocess.run(
-        [node, "--test", str(BROWSER_DIR / "rates.test.mjs")], capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([node, "--test", str(BROWSER_DIR / suite)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "# fail 0" in result.stdout
+    assert "# fail 0" in result.stdout and "# pass 0" not in result.stdout
 
 
 # --- in the browser -------------------------------------------------------------------------------------
@@ -226,6 +233,8 @@ def test_console_in_chromium(gw: GatewayProc, node_modules: Path, tmp_path: Path
     # Sign-in: from the keyboard; a wrong key is said next to the field; a reload forgets the key.
     assert seen["loginFocused"] == "admin_key"
     assert seen["loginError"] == "This key is not the admin key." and seen["loginInvalid"] == "true"
+    # The page moves focus to the heading it draws; from there the keyboard walks back through the header.
+    assert seen["headingFocused"] == "Tenants"
     assert seen["tabOrder"][-1] == "Skip to content" and {"Sign out", "Fairness", "Tenants"} <= set(seen["tabOrder"])
     assert seen["afterSkip"] == "main"
     assert seen["reloadSignsOut"] is True
@@ -252,31 +261,84 @@ def test_console_in_chromium(gw: GatewayProc, node_modules: Path, tmp_path: Path
     assert first["requests"] > 5 and first["tokens"] > 50
     assert 0 < first["share"] <= 1 and first["wait"] > 0
     assert first["limited"] > 0  # the oversized client's 429s
+    # The 429 chart draws the reasons that occurred, each named, and not the five or more that did not.
+    assert "in-flight tokens" in first["limitedSeries"] and len(first["limitedSeries"]) <= 2
+    assert all(label in first["limitedWords"] for label in first["limitedSeries"])
+    # A tenant with no 429s gets a note instead of lines at zero.
+    assert seen["betaLimited"] == {"series": "", "note": "No 429s in this window.", "plotHidden": True}
     assert 0.5 < first["cache"] <= 1  # a shared prompt prefix
     assert later["spend"] > first["spend"] > 0
     # The fair queue's work: acme (weight 3) against beta (weight 1), both backlogged.
     shares = seen["fairness"]["shares"]
     assert abs(shares["acme"] - 0.75) < 0.08 and abs(shares["beta"] - 0.25) < 0.08, shares
-    assert seen["fairness"]["jain"] > 0.95
+    assert seen["fairness"]["jain"] > 0.95 and seen["fairness"]["jainState"] == "contended"
+    # Light traffic of both tenants, nothing queued: no index (their shares say what they asked for).
+    uncontended = seen["uncontended"]
+    assert (uncontended["state"], uncontended["text"], uncontended["value"]) == ("uncontended", "No contention", "")
+    assert uncontended["sub"] == "no tenant had requests queued"
     assert seen["fairness"]["chart"]["series"] == 4 and seen["fairness"]["chart"]["points"] >= 3
     assert seen["tenantsRate"].endswith("/s") and seen["tenantsRate"] != "0/s"
     assert seen["load"]["acme"]["200"] > 50 and seen["load"]["beta"]["200"] > 20
 
     # Readable in a narrow window: nothing wider than the viewport.
     assert seen["narrowOverflow"] <= 0 and seen["narrowKeysOverflow"] <= 0
+    # Every time label fits its chart, wide and narrow: none cut at the canvas's edge.
+    assert first["cutLabels"] == [] and seen["narrowCutLabels"] == [] and seen["probeCharts"] == 3
     # Every field has a label and every control a name, on every page visited.
     assert all(found == [] for found in seen["a11y"].values()), seen["a11y"]
-    assert set(seen["a11y"]) >= {"tenantForm", "secretDialog", "keys", "live", "fairness", "tenants", "settings"}
+    assert set(seen["a11y"]) >= {
+        "tenantForm",
+        "secretDialog",
+        "keys",
+        "live",
+        "fairness",
+        "tenants",
+        "settings",
+        "reference",
+    }
 
     # What the console did is what the admin API now says.
     admin = {"Authorization": f"Bearer {gw.admin_key}"}
+    # The edit form sent only what changed (a cleared field as null), so what it does not show (on_limit)
+    # and what it showed unchanged (tpm, set through the API just before) were kept.
+    tenant_patches = [p["body"] for p in seen["patches"] if p["path"] == "/admin/tenants/acme"]
+    assert tenant_patches == [
+        {"limits": {"rpm": 1.5}},
+        {"weight": 2, "limits": {"max_inflight_tokens": None}, "cache_scope": "group:research"},
+    ]
     tenant = httpx.get(gw.url + "/admin/tenants/acme", headers=admin).json()
     assert tenant["weight"] == 2 and tenant["cache_scope"] == "group:research" and tenant["name"] == "Acme Research"
-    assert tenant["limits"]["max_concurrency"] == 8 and tenant["budget"] == {"amount": 5.0, "period": "day"}
+    assert tenant["budget"] == {"amount": 5.0, "period": "day"} and tenant["on_limit"] == {"queue": "fallback"}
+    assert tenant["limits"] == {
+        "rpm": 6000,
+        "tpm": 900000,
+        "max_concurrency": 12,
+        "max_inflight_tokens": None,
+        "max_queue_wait_ms": None,
+        "max_queue_depth": None,
+    }
+
+    # The API reference shows every operation and schema of the document, and its links lead somewhere.
+    doc = httpx.get(gw.url + "/openapi.json").json()
+    operations = {f"{m.upper()} {p}" for p, ops in doc["paths"].items() for m in ops}
+    reference = seen["reference"]
+    assert set(reference["operations"]) == operations and len(reference["operations"]) == len(operations)
+    assert sorted(reference["schemas"]) == sorted(doc["components"]["schemas"])
+    assert reference["brokenLinks"] == [] and "TenantPatch" in reference["patchBody"]
     keys = httpx.get(gw.url + "/admin/tenants/acme/keys", headers=admin).json()
     assert sorted((k["name"], k["revoked"]) for k in keys) == [("ci", True), ("load", False), ("load", False)]
     actions = [e["action"] for e in httpx.get(gw.url + "/admin/audit", headers=admin).json()["data"]]
     assert {"tenant.create", "key.create", "key.revoke", "key.rotate", "tenant.update"} <= set(actions)
     assert time.monotonic() - started < 240
-    for name in ("01-login", "04-key-secret", "06-live", "07-fairness", "10-narrow-live"):
+    for name in (
+        "01-login",
+        "04-key-secret",
+        "06-live",
+        "07-fairness",
+        "07a-fairness-no-contention",
+        "07b-live-no-429s",
+        "10-narrow-live",
+        "10a-narrow-time-axis",
+        "13-api-reference",
+    ):
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 10_000, name

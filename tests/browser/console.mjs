@@ -4,6 +4,8 @@
 // tenant and keys (each secret seen once), revokes and rotates, runs a load for two tenants while it
 // watches the live view and the fairness view, and prints what it saw as one JSON line; the Python test
 // asserts on it. Every browser request to anything but the gateway's origin is refused and recorded.
+// Along the way it records the body of every PATCH the page sends, checks the charts' time labels fit
+// their canvas, and ends on the admin API reference (api.html).
 
 import { readFileSync } from "node:fs";
 import { mkdtempSync, rmSync } from "node:fs";
@@ -45,7 +47,11 @@ await context.route("**/*", (route) => {
   }
   return route.continue();
 });
-const page = context.pages()[0] || (await context.newPage());
+let page = context.pages()[0] || (await context.newPage());
+seen.patches = [];
+page.on("request", (r) => {
+  if (r.method() === "PATCH") seen.patches.push({ path: new URL(r.url()).pathname, body: r.postDataJSON() });
+});
 page.on("console", (m) => {
   // The API's refusals the scenario provokes (401, 422) are logged by Chromium as failed loads: expected.
   if (/^Failed to load resource: the server responded with a status of 4\d\d/.test(m.text())) return;
@@ -85,6 +91,39 @@ async function tileValue(name) {
   return v === "" || v === null ? null : Number(v);
 }
 
+/** The admin API from the script itself (not the page), to set up what the page must then keep. */
+async function adminCall(method, path, body) {
+  const r = await fetch(`${url}${path}`, {
+    method,
+    headers: { Authorization: `Bearer ${adminKey}`, "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  return r.json();
+}
+
+/**
+ * Charts whose time axis has ink in the canvas's first or last two pixel columns: a label cut by the
+ * edge. (The plot area stops short of both edges, so ticks and grid lines never reach them.)
+ */
+async function cutTimeLabels() {
+  return page.evaluate(() =>
+    [...document.querySelectorAll("[data-chart]")]
+      .filter((card) => {
+        const canvas = card.querySelector(".chart-plot canvas");
+        if (!canvas || !canvas.width || card.querySelector(".chart-plot").hidden) return false;
+        // Read from a copy, so the chart's own canvas is never read back (Chromium warns when it is).
+        const copy = document.createElement("canvas");
+        copy.width = canvas.width;
+        copy.height = canvas.height;
+        const ctx = copy.getContext("2d", { willReadFrequently: true });
+        ctx.drawImage(canvas, 0, 0);
+        const inked = (x) => ctx.getImageData(x, 0, 2, canvas.height).data.some((v, i) => i % 4 === 3 && v > 0);
+        return inked(0) || inked(canvas.width - 2);
+      })
+      .map((card) => card.dataset.chart),
+  );
+}
+
 async function chartState(name) {
   const el = page.locator(`[data-chart="${name}"]`);
   return { points: Number(await el.getAttribute("data-points")), last: (await el.getAttribute("data-last")) || "" };
@@ -111,7 +150,10 @@ try {
   step("signed in");
 
   // Backwards from the page's heading, the keyboard reaches the header's controls and then the skip
-  // link, which lands in <main>.
+  // link, which lands in <main>. The page moves focus to its heading as it draws it; wait for that
+  // before pressing anything, or a slow machine's late focus move would restart the walk.
+  await page.waitForFunction(() => document.activeElement && document.activeElement.tagName === "H1");
+  seen.headingFocused = await page.evaluate(() => document.activeElement.textContent.trim());
   seen.tabOrder = [];
   for (let i = 0; i < 8; i += 1) {
     await page.keyboard.press("Shift+Tab");
@@ -130,7 +172,7 @@ try {
   await page.getByLabel("Display name").fill("Acme Research");
   await page.getByLabel("Weight").fill("0");
   await page.getByLabel("Requests per minute").fill("6000");
-  await page.getByLabel("Concurrent requests").fill("8");
+  await page.getByLabel("Concurrent requests").fill("12");
   await page.getByLabel("In-flight tokens").fill("2000");
   await page.getByLabel("Budget amount").fill("5");
   await page.getByLabel("Budget period").selectOption("day");
@@ -225,6 +267,39 @@ try {
   await shot("05-keys");
   step("key rotated");
 
+  // --- light traffic: both tenants active, nothing queued: no contention to judge --------------------
+
+  let stopLight = false;
+  async function light(key, tokens) {
+    while (!stopLight) {
+      const r = await fetch(`${url}/v1/chat/completions`, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${key}`, "Content-Type": "application/json" },
+        body: JSON.stringify({ model, max_tokens: tokens, messages: [{ role: "user", content: "hello" }] }),
+      });
+      await r.arrayBuffer();
+      await sleep(150);
+    }
+  }
+  // One request at a time each, on four backend slots; acme (weight 3) asks for less than beta.
+  const lightLoops = [light(third, 2), light(betaKey, 12)];
+  await page.getByRole("link", { name: "Fairness" }).click();
+  await page.getByRole("heading", { name: "Fairness", level: 1 }).waitFor();
+  await page.waitForFunction(
+    () => ["acme", "beta"].every((t) => document.querySelector(`tr[data-tenant="${t}"]`)) && document.querySelector('[data-tile="jain"]').dataset.state,
+    null,
+    { timeout: 30000 },
+  );
+  await sleep(2500);
+  seen.uncontended = await page.evaluate(() => {
+    const tile = document.querySelector('[data-tile="jain"]');
+    return { state: tile.dataset.state, text: tile.textContent, value: tile.dataset.value, sub: tile.nextElementSibling.textContent };
+  });
+  await shot("07a-fairness-no-contention");
+  stopLight = true;
+  await Promise.all(lightLoops);
+  step("no contention seen");
+
   // --- a load for two tenants; the live view and the fairness view must move -------------------------
 
   const counts = { acme: {}, beta: {} };
@@ -268,11 +343,13 @@ try {
     }
   }
   const loops = [];
-  for (let n = 0; n < 6; n += 1) loops.push(loop("acme", third, n), loop("beta", betaKey, n));
+  // Ten clients each against four backend slots: deep queues, so both stay backlogged even when a busy
+  // machine slows the clients down (with shallow ones a slow client leaves its slot to the other tenant).
+  for (let n = 0; n < 10; n += 1) loops.push(loop("acme", third, n), loop("beta", betaKey, n));
   loops.push(oversized(third));
   step("load started");
 
-  await page.getByRole("link", { name: "Live" }).click();
+  await page.evaluate(() => (location.hash = "#/tenants/acme/live"));
   await page.waitForURL(/#\/tenants\/acme\/live$/);
   await page.locator('[data-chart="requests"]').waitFor();
   const firstSeen = await chartState("requests");
@@ -300,6 +377,9 @@ try {
     charts: {},
   };
   for (const name of ["requests", "tokens", "share", "wait", "limited", "cache", "spend"]) live1.charts[name] = await chartState(name);
+  live1.limitedSeries = (await page.locator('[data-chart="limited"]').getAttribute("data-series")).split("|");
+  live1.limitedWords = await page.locator('[data-chart="limited"] .chart-latest').textContent();
+  live1.cutLabels = await cutTimeLabels();
   await sleep(4500);
   const live2 = { spend: await tileValue("spend"), charts: { requests: await chartState("requests"), tokens: await chartState("tokens") } };
   seen.live = { firstSeen, live1, live2 };
@@ -321,11 +401,23 @@ try {
   seen.fairness = await page.evaluate(() => ({
     shares: Object.fromEntries([...document.querySelectorAll("tr[data-tenant]")].map((r) => [r.dataset.tenant, Number(r.querySelector("[data-share]").dataset.share)])),
     jain: Number(document.querySelector('[data-tile="jain"]').dataset.value),
+    jainState: document.querySelector('[data-tile="jain"]').dataset.state,
     chart: { points: Number(document.querySelector('[data-chart="fairness"]').dataset.points), series: document.querySelectorAll('[data-chart="fairness"] .latest-item').length },
   }));
   a11y.fairness = await unlabelled();
   await shot("07-fairness");
   step("fairness seen");
+
+  // beta has no limits: its 429 chart draws nothing and says so.
+  await page.evaluate(() => (location.hash = "#/tenants/beta/live"));
+  await page.waitForFunction(() => Number(document.querySelector('[data-chart="limited"]')?.dataset.points || 0) >= 3, null, { timeout: 30000 });
+  seen.betaLimited = await page.evaluate(() => {
+    const card = document.querySelector('[data-chart="limited"]');
+    const note = card.querySelector(".chart-empty");
+    return { series: card.dataset.series, note: note && !note.hidden ? note.textContent : null, plotHidden: card.querySelector(".chart-plot").hidden };
+  });
+  await shot("07b-live-no-429s", true);
+  step("beta live seen");
 
   await page.getByRole("link", { name: "Tenants", exact: true }).first().click();
   await page.getByRole("heading", { name: "Tenants", level: 1 }).waitFor();
@@ -348,6 +440,26 @@ try {
   await sleep(2500);
   await shot("10-narrow-live", true);
   seen.narrowOverflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  // The same chart module on a time axis that ends exactly on a labelled tick, and 1 and 2 s past one:
+  // the last label sits at the plot's right edge, where it used to be cut.
+  await page.evaluate(async () => {
+    const { lineChart } = await import("/console/js/charts.js");
+    const host = document.createElement("section");
+    host.id = "axis-probe";
+    host.className = "charts";
+    document.querySelector("main").prepend(host);
+    for (const end of [1800000000, 1800000001, 1800000002]) {
+      const chart = lineChart({ id: `probe-${end}`, title: `Ending ${end % 5} s past a tick`, series: [{ label: "a", color: "#2f6bd8" }], format: String });
+      host.append(chart.el);
+      const xs = Array.from({ length: 12 }, (_, i) => end - 22 + 2 * i);
+      chart.update(xs, [xs.map((_, i) => i)]);
+    }
+    await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+  });
+  await page.locator("#axis-probe").screenshot({ path: join(shots, "10a-narrow-time-axis.png") });
+  seen.narrowCutLabels = await cutTimeLabels();
+  seen.probeCharts = await page.locator("#axis-probe [data-chart]").count();
+  await page.evaluate(() => document.getElementById("axis-probe").remove());
   await page.getByRole("link", { name: "Keys" }).click();
   await page.locator("tbody tr").first().waitFor();
   await shot("11-narrow-keys", true);
@@ -361,6 +473,8 @@ try {
 
   // --- edit the tenant: an invalid limit first, then a new weight ------------------------------------
 
+  // Set through the API first: on_limit (the form does not show it) and a tpm limit the form does show.
+  seen.beforeEdit = await adminCall("PATCH", "/admin/tenants/acme", { on_limit: { queue: "fallback" }, limits: { tpm: 900000 } });
   await page.getByRole("link", { name: "Settings" }).click();
   await page.getByRole("button", { name: "Save changes" }).waitFor();
   await page.getByLabel("Requests per minute").fill("1.5");
@@ -373,6 +487,7 @@ try {
   await shot("12-settings-error");
   await page.getByLabel("Requests per minute").fill("6000");
   await page.getByLabel("Weight").fill("2");
+  await page.getByLabel("In-flight tokens").fill("");
   await page.getByLabel("Prefix-cache scope").selectOption("group");
   await page.getByLabel("Group name").fill("research");
   await page.getByRole("button", { name: "Save changes" }).click();
@@ -380,6 +495,31 @@ try {
   await page.locator(".facts", { hasText: "Weight 2" }).waitFor();
   seen.factsAfterEdit = await page.locator(".facts").textContent();
   step("tenant edited");
+
+  // --- the admin API reference, from the header (a new tab) ---------------------------------------------
+
+  const [reference] = await Promise.all([context.waitForEvent("page"), page.getByRole("link", { name: /API reference/ }).click()]);
+  reference.on("pageerror", (e) => seen.consoleErrors.push(`reference pageerror: ${e.message}`));
+  reference.on("console", (m) => {
+    if (m.type() === "error" || m.type() === "warning") seen.consoleErrors.push(`reference ${m.type()}: ${m.text()}`);
+  });
+  await reference.locator("#reference[data-operations]").waitFor({ timeout: 20000 });
+  seen.reference = await reference.evaluate(() => ({
+    operations: [...document.querySelectorAll("[data-operation]")].map((el) => el.dataset.operation),
+    schemas: [...document.querySelectorAll("[data-schema]")].map((el) => el.dataset.schema),
+    title: document.title,
+    patchBody: document.querySelector('[data-operation="PATCH /admin/tenants/{tenant_id}"]')?.textContent || "",
+    brokenLinks: [...document.querySelectorAll('a[href^="#"]')].filter((a) => a.getAttribute("href").length > 1 && !document.getElementById(a.getAttribute("href").slice(1))).map((a) => a.getAttribute("href")),
+  }));
+  await reference.screenshot({ path: join(shots, "13-api-reference.png") });
+  await reference.locator('[data-schema="TenantPatch"]').scrollIntoViewIfNeeded();
+  await reference.screenshot({ path: join(shots, "14-api-reference-schema.png") });
+  const mainPage = page;
+  page = reference; // unlabelled() reads the current page
+  a11y.reference = await unlabelled();
+  page = mainPage;
+  await reference.close();
+  step("reference read");
 
 } catch (err) {
   // Leave a picture and what was seen so far, for whoever reads the failing test.

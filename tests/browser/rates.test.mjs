@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { interval, intervals, jain, quantile, tenantPoint } from "../../gateway/admin/console/static/js/rates.js";
+import { contenders, interval, intervals, jain, quantile, tenantPoint } from "../../gateway/admin/console/static/js/rates.js";
 
 const BOUNDS = [0.01, 0.1, 1];
 const close = (actual, expected) => assert.ok(Math.abs(actual - expected) < 1e-12, `${actual} != ${expected}`);
@@ -83,11 +83,43 @@ test("a change in the processes summed is a reset, not a rate", () => {
   assert.equal(interval(snap(0, [tenant("a", { requests: { 200: 9 } })]), snap(1, [tenant("a", { requests: { 200: 1 } })])), null);
 });
 
-test("Jain's index of served over entitled", () => {
+test("Jain's index of served over entitled, among backlogged tenants", () => {
   const a = snap(0, [tenant("a", { weight: 3 }), tenant("b")]);
-  const fair = snap(1, [tenant("a", { weight: 3, tokens: { prompt: 300 } }), tenant("b", { tokens: { prompt: 100 } })]);
+  const fair = snap(1, [tenant("a", { weight: 3, queued: 2, tokens: { prompt: 300 } }), tenant("b", { queued: 1, tokens: { prompt: 100 } })]);
   assert.ok(Math.abs(jain(interval(a, fair)) - 1) < 1e-12);
-  const unfair = snap(1, [tenant("a", { weight: 3, tokens: { prompt: 100 } }), tenant("b", { tokens: { prompt: 300 } })]);
+  const unfair = snap(1, [tenant("a", { weight: 3, queued: 2, tokens: { prompt: 100 } }), tenant("b", { queued: 1, tokens: { prompt: 300 } })]);
   assert.ok(jain(interval(a, unfair)) < 0.7);
   assert.equal(jain(null), null);
+});
+
+test("no contention, no index: nothing queued, or one tenant alone", () => {
+  const a = snap(0, [tenant("a", { weight: 3 }), tenant("b")]);
+  // Light traffic whose shares are far from the weights: both got all they asked for.
+  const light = snap(1, [tenant("a", { weight: 3, tokens: { prompt: 100 } }), tenant("b", { tokens: { prompt: 300 } })]);
+  assert.deepEqual(contenders(interval(a, light)), []);
+  assert.equal(jain(interval(a, light)), null);
+  const alone = snap(1, [tenant("a", { weight: 3, queued: 4, tokens: { prompt: 100 } }), tenant("b", { tokens: { prompt: 300 } })]);
+  assert.deepEqual(contenders(interval(a, alone)), ["a"]);
+  assert.equal(jain(interval(a, alone)), null);
+});
+
+test("backlogged: queued at either end, or waits longer than the first bucket in between", () => {
+  const a = snap(0, [tenant("then", { queued: 2 }), tenant("waited"), tenant("quick")]);
+  const b = snap(1, [
+    tenant("then", { tokens: { prompt: 10 } }),
+    tenant("waited", { tokens: { prompt: 10 }, queue_wait: { count: 3, sum: 0.2, buckets: [1, 3, 3] } }),
+    tenant("quick", { tokens: { prompt: 10 }, queue_wait: { count: 5, sum: 0, buckets: [5, 5, 5] } }),
+  ]);
+  assert.deepEqual(contenders(interval(a, b)).sort(), ["then", "waited"]);
+});
+
+test("only the top priority band with a backlog contends", () => {
+  const a = snap(0, [tenant("hi1", { priority: 5 }), tenant("hi2", { priority: 5 }), tenant("lo", { priority: 0 })]);
+  const b = snap(1, [
+    tenant("hi1", { priority: 5, queued: 1, tokens: { prompt: 100 } }),
+    tenant("hi2", { priority: 5, queued: 1, tokens: { prompt: 100 } }),
+    tenant("lo", { priority: 0, queued: 9 }),
+  ]);
+  assert.deepEqual(contenders(interval(a, b)).sort(), ["hi1", "hi2"]);
+  assert.ok(Math.abs(jain(interval(a, b)) - 1) < 1e-12);
 });

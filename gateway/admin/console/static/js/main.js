@@ -57,9 +57,23 @@ async function route() {
     else link.removeAttribute("aria-current");
   }
   const mine = (rendering += 1);
+  // Where focus was when the route began (the link followed, or nothing): the new page's heading takes
+  // focus only from there, never from wherever the operator has moved it since.
+  const before = document.activeElement;
+  const previous = main.querySelector("h1");
+  const focusHeading = () => {
+    const heading = main.querySelector("h1");
+    const at = document.activeElement;
+    if (!heading || heading === previous) return; // the new page has not drawn its heading yet
+    if (at === before || at === document.body || at === null || !at.isConnected) heading.focus();
+  };
   main.setAttribute("aria-busy", "true");
   try {
-    const result = await found.view(found.m);
+    const pending = found.view(found.m);
+    // A view draws its heading before it waits for data: focus it now, so keyboard and screen-reader
+    // users start at the top of the page at once (and a Tab pressed meanwhile is not undone later).
+    focusHeading();
+    const result = await pending;
     if (mine !== rendering) {
       if (typeof result === "function") result(); // the operator moved on meanwhile
       return;
@@ -71,10 +85,9 @@ async function route() {
   } finally {
     main.removeAttribute("aria-busy");
   }
-  // Move focus to the new page's heading, so keyboard and screen-reader users start at the top of it
-  // (unless the view already put focus on a field).
-  const heading = main.querySelector("h1");
-  if (heading && (document.activeElement === document.body || !main.contains(document.activeElement))) heading.focus();
+  // A view that drew its heading only after loading (or replaced it) gets focus moved to it now, unless
+  // the view put focus on a field or the operator moved it.
+  focusHeading();
 }
 
 function showLogin(reason = null) {

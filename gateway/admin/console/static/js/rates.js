@@ -32,6 +32,10 @@ export function tenantDelta(a, b, dt) {
   const waitCount = b.queue_wait.count - (old.queue_wait.count || 0);
   const waitBuckets = b.queue_wait.buckets.map((n, i) => n - (old.queue_wait.buckets[i] || 0));
   if ([requests, tokens, rejections, spend].some(anyNegative) || waitCount < 0) return null;
+  // Backlogged in the interval: requests queued at either end, or requests that waited for a slot in
+  // between (longer than the first bucket, 1 ms: a request that finds a free slot waits ~0).
+  const waited = waitCount - (waitBuckets[0] || 0);
+  const backlogged = b.queued > 0 || (old.queued || 0) > 0 || waited > 0;
   let ok = 0;
   let limited = 0;
   let errors = 0;
@@ -60,6 +64,7 @@ export function tenantDelta(a, b, dt) {
     waitBuckets,
     inflight: b.inflight,
     queued: b.queued,
+    backlogged,
     weight: b.weight,
     priority: b.priority,
   };
@@ -156,14 +161,32 @@ export function tenantPoint(iv, id) {
   };
 }
 
-/** Jain's fairness index of served / entitled over the active tenants (1 = exactly by weight). */
+/**
+ * The tenants that contended for capacity in an interval: those backlogged (requests queued) in the
+ * highest priority band that had any, since bands are served in order and weights apply within one.
+ */
+export function contenders(iv) {
+  if (!iv) return [];
+  const backlogged = [...iv.tenants.entries()].filter(([, d]) => d.backlogged);
+  if (!backlogged.length) return [];
+  const band = Math.max(...backlogged.map(([, d]) => d.priority));
+  return backlogged.filter(([, d]) => d.priority === band).map(([id]) => id);
+}
+
+/**
+ * Jain's fairness index among the contenders (1 = served exactly by weight): each one's share of the
+ * service they got together, over its weight's share of their weights. Null when fewer than two
+ * contended: a tenant that is not backlogged asked for less than its share and got all it asked for, so
+ * comparing its share with its weight says nothing about fairness.
+ */
 export function jain(iv) {
-  if (!iv) return null;
-  const xs = [];
-  for (const d of iv.tenants.values()) {
-    if (d.active && d.entitled > 0 && d.share !== null) xs.push(d.share / d.entitled);
-  }
-  if (xs.length < 2) return null;
+  const ids = contenders(iv);
+  if (ids.length < 2) return null;
+  const ds = ids.map((id) => iv.tenants.get(id));
+  const served = ds.reduce((x, d) => x + d.served, 0);
+  const weights = ds.reduce((x, d) => x + d.weight, 0);
+  if (served <= 0 || weights <= 0) return null;
+  const xs = ds.map((d) => d.served / served / (d.weight / weights));
   const s = xs.reduce((x, y) => x + y, 0);
   const s2 = xs.reduce((x, y) => x + y * y, 0);
   return s2 > 0 ? (s * s) / (xs.length * s2) : null;

@@ -5,13 +5,14 @@ import { lineChart, PALETTE } from "../charts.js";
 import { h } from "../dom.js";
 import * as fmt from "../format.js";
 import * as poller from "../poller.js";
-import { jain, tenantPoint } from "../rates.js";
+import { contenders, jain, tenantPoint } from "../rates.js";
 
 const MAX_TENANTS = 9; // one colour each; the table lists the rest
 
 export function fairnessView(main) {
   const chartHost = h("div", { class: "fairness-chart" });
   const index = h("p", { class: "tile-value", "data-tile": "jain", "data-value": "" }, fmt.NONE);
+  const indexSub = h("p", { class: "tile-sub" });
   const backlogged = h("p", { class: "tile-value", "data-tile": "backlogged", "data-value": "" }, fmt.NONE);
   const total = h("p", { class: "tile-value", "data-tile": "served", "data-value": "" }, fmt.NONE);
   const body = h("tbody", {});
@@ -29,7 +30,7 @@ export function fairnessView(main) {
     h(
       "section",
       { class: "tiles", "aria-label": "Now" },
-      h("div", { class: "tile", role: "group", "aria-label": "Jain's index" }, h("p", { class: "tile-label" }, "Jain's index, served ÷ entitled"), index, h("p", { class: "tile-sub" }, "1.00 is exactly by weight")),
+      h("div", { class: "tile", role: "group", "aria-label": "Jain's index" }, h("p", { class: "tile-label" }, "Jain's index, served ÷ entitled"), index, indexSub),
       h("div", { class: "tile", role: "group", "aria-label": "Backlogged tenants" }, h("p", { class: "tile-label" }, "Backlogged tenants"), backlogged, h("p", { class: "tile-sub" }, "with requests queued now")),
       h("div", { class: "tile", role: "group", "aria-label": "Service" }, h("p", { class: "tile-label" }, "Service given"), total, h("p", { class: "tile-sub" }, "weighted tokens per second")),
     ),
@@ -108,8 +109,24 @@ export function fairnessView(main) {
     }
 
     const iv = intervals[intervals.length - 1];
+    // The index only means something while tenants compete: with nothing queued every tenant got all
+    // it asked for, and a share below the weight is a tenant asking for less, not unfairness.
+    const competing = contenders(iv);
     const j = jain(iv);
-    index.textContent = j === null ? fmt.NONE : j.toFixed(2);
+    if (!iv) {
+      index.textContent = fmt.NONE;
+      index.dataset.state = "";
+      indexSub.textContent = "";
+    } else if (j === null) {
+      index.textContent = "No contention";
+      index.dataset.state = "uncontended";
+      indexSub.textContent =
+        competing.length === 1 ? `only ${competing[0]} had requests queued` : "no tenant had requests queued";
+    } else {
+      index.textContent = j.toFixed(2);
+      index.dataset.state = "contended";
+      indexSub.textContent = `${competing.length} tenants queued · 1.00 is exactly by weight`;
+    }
     index.dataset.value = j === null ? "" : String(j);
     const rows = iv ? [...iv.tenants.entries()].filter(([, d]) => d.active) : [];
     const queued = rows.filter(([, d]) => d.queued > 0).length;

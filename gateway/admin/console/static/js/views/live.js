@@ -10,6 +10,15 @@ import * as poller from "../poller.js";
 import { REASONS, tenantPoint } from "../rates.js";
 
 const USAGE_EVERY_MS = 10000;
+const REASON_LABELS = {
+  rpm: "rpm",
+  tpm: "tpm",
+  concurrency: "concurrency",
+  inflight_tokens: "in-flight tokens",
+  budget: "budget",
+  queue_full: "queue full",
+  queue_timeout: "queue timeout",
+};
 const PERIOD_WORDS = { day: "today", week: "this week", month: "this month" };
 
 /** Start of the budget period containing `now` (UTC), as gateway/limits/_period.py computes it. */
@@ -104,7 +113,7 @@ export function liveView(host, tenant) {
     limited: lineChart({
       id: "limited",
       title: "429s per second by reason",
-      series: REASONS.map((r, i) => ({ label: r.replace("_", " "), color: PALETTE[i] })),
+      series: REASONS.map((r, i) => ({ label: REASON_LABELS[r], color: PALETTE[i] })),
       format: (v) => fmt.num(v),
       quiet: "No 429s in this window.",
     }),
@@ -196,7 +205,7 @@ export function liveView(host, tenant) {
       p && p.active ? `entitled to ${fmt.pct(p.entitled)} (weight ${fmt.num(tenant.weight, 2)})` : "idle",
     );
     set(tiles.wait, p && p.waitP50 !== null ? `${fmt.ms(p.waitP50)} / ${fmt.ms(p.waitP99)}` : fmt.NONE, p && p.waitP99, p && p.waitP50 === null ? "nothing queued" : "");
-    const reasons = p ? REASONS.filter((r) => p.rejections[r] > 0).map((r) => r.replace("_", " ")) : [];
+    const reasons = p ? REASONS.filter((r) => p.rejections[r] > 0).map((r) => REASON_LABELS[r]) : [];
     set(tiles.limited, p ? fmt.rate(p.limited) : fmt.NONE, p && p.limited, reasons.length ? reasons.join(", ") : "none");
     set(tiles.cache, p && p.cacheHit !== null ? fmt.pct(p.cacheHit) : fmt.NONE, p && p.cacheHit, "of prompt tokens");
     const now = latest.tenants.find((x) => x.id === tenant.id);

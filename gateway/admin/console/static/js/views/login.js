@@ -58,6 +58,7 @@ export function loginView(main, { reason, onSignedIn }) {
       h("p", { class: "lede" }, "Tenants, keys, quotas and live usage of this gateway."),
       reason ? h("p", { class: "notice", role: "alert" }, reason) : null,
       form,
+      h("p", { class: "hint login-more" }, "Scripting it instead? The ", h("a", { href: "api.html" }, "admin API reference"), " needs no key."),
     ),
   );
   key.control.focus();

@@ -1,10 +1,13 @@
-// Creating and editing a tenant: weight, priority, models, limits, budget and cache scope. The form
-// sends what it shows (POST to create, PATCH to edit) and lets the API validate it.
+// Creating and editing a tenant: weight, priority, models, limits, budget and cache scope. Creating
+// POSTs what the form shows; editing PATCHes only what changed, as a JSON merge patch (a cleared field is
+// sent as null, which the API sets back to its default), so a field the form does not show (on_limit)
+// or one that someone else changed meanwhile is never overwritten. The API validates either.
 
 import { api, path } from "../api.js";
 import { h, toast } from "../dom.js";
 import { confirmDialog } from "../dialogs.js";
 import { clearErrors, field, formError, numberValue, showError } from "../forms.js";
+import { mergePatch } from "../patch.js";
 
 const LIMITS = [
   ["rpm", "Requests per minute", "Token bucket; empty for no limit."],
@@ -75,7 +78,6 @@ export function tenantForm(host, tenant, { onSaved }) {
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     clearErrors(form);
-    const body = {};
     const numbers = [
       ["weight", f.weight],
       ["priority", f.priority],
@@ -91,18 +93,31 @@ export function tenantForm(host, tenant, { onSaved }) {
       }
       values[param] = v;
     }
-    if (!editing) body.id = f.id.control.value.trim();
-    body.name = f.name.control.value.trim() || null;
-    if (values.weight !== null) body.weight = values.weight;
-    if (values.priority !== null) body.priority = values.priority;
-    body.models = f.models.control.value.split(/[\s,]+/).filter(Boolean);
-    body.limits = {};
-    for (const [name] of LIMITS) if (values[`limits.${name}`] !== null) body.limits[name] = values[`limits.${name}`];
-    body.budget = values["budget.amount"] === null ? null : { amount: values["budget.amount"], period: f.budgetPeriod.control.value };
     const chosen = f.scope.control.value;
-    body.cache_scope = chosen === "group" ? `group:${f.group.control.value.trim()}` : chosen;
-    body.allow_client_salt = f.clientSalt.control.checked;
-    body.user_field = f.userField.control.value;
+    const shown = {
+      name: f.name.control.value.trim() || null,
+      weight: values.weight,
+      priority: values.priority,
+      models: f.models.control.value.split(/[\s,]+/).filter(Boolean),
+      limits: Object.fromEntries(LIMITS.map(([name]) => [name, values[`limits.${name}`]])),
+      budget: values["budget.amount"] === null ? null : { amount: values["budget.amount"], period: f.budgetPeriod.control.value },
+      cache_scope: chosen === "group" ? `group:${f.group.control.value.trim()}` : chosen,
+      allow_client_salt: f.clientSalt.control.checked,
+      user_field: f.userField.control.value,
+    };
+    let body;
+    if (editing) {
+      body = mergePatch(t, shown);
+      if (Object.keys(body).length === 0) {
+        toast("Nothing to save: no field changed.");
+        return;
+      }
+    } else {
+      // Empty fields are left out, so the API's defaults apply.
+      body = { id: f.id.control.value.trim() };
+      for (const [name, value] of Object.entries(shown)) if (value !== null) body[name] = value;
+      body.limits = Object.fromEntries(Object.entries(shown.limits).filter(([, v]) => v !== null));
+    }
     submit.disabled = true;
     try {
       const saved = editing ? await api("PATCH", path.tenant(t.id), body) : await api("POST", "/admin/tenants", body);
