@@ -305,7 +305,13 @@ class InferenceHandler:
         headers = backend_headers(backend, record.request_id, self._backend_keys.get(backend.name))
         payload = self._payload(request, placement)
         swap_from, swap_to = _model_swap(model)
-        relay = Relay(send, client_wants_usage=request.client_wants_usage, model_from=swap_from, model_to=swap_to)
+        relay = Relay(
+            send,
+            endpoint=request.endpoint,
+            client_wants_usage=request.client_wants_usage,
+            model_from=swap_from,
+            model_to=swap_to,
+        )
         response_headers = [*_SSE_HEADERS, (b"x-request-id", record.request_id.encode()), *placement.headers()]
         started = record.started
 

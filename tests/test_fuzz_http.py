@@ -1,7 +1,8 @@
 """Fuzzing over real sockets: hostile bodies, paths and headers sent to a running gateway (a real process,
 the simulator behind it), a few hundred examples. Every answer is below 500 or one of the documented 502
-and 503, an error is in OpenAI's shape, every answer has an x-request-id, a stream ends with `[DONE]` or
-an error event, and afterwards the process is alive, serving, and its log holds no traceback and no key.
+and 503, an error is in OpenAI's shape, every answer has an x-request-id, a stream ends with its format's
+own end (`[DONE]`, a Responses API terminal event) or an error event, and afterwards the process is alive,
+serving, and its log holds no traceback and no key.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ PATHS = {
     "embeddings": "/v1/embeddings",
     "responses": "/v1/responses",
 }
+# How a stream's last event may start: chat's [DONE], the Responses API's terminal events, or an error event.
+STREAM_ENDS = (
+    "data: [DONE]",
+    "event: response.completed",
+    "event: response.incomplete",
+    "event: response.failed",
+    "event: error",
+)
 # h11 (the client) refuses values with surrounding whitespace; raw-socket header tricks are in test_server.py.
 header_values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40).map(str.strip)
 extra_headers = st.dictionaries(
@@ -101,8 +110,8 @@ def check_answer(resp: httpx.Response, body: bytes) -> None:
         assert set(error) == {"message", "type", "param", "code"}, error
         assert isinstance(error["message"], str) and error["message"]
     elif resp.headers.get("content-type", "").startswith("text/event-stream"):
-        text = body.decode()
-        assert text.rstrip().endswith("data: [DONE]") or '"error"' in text, text[-300:]
+        last = body.decode().rstrip().rsplit("\n\n", 1)[-1]
+        assert last.startswith(STREAM_ENDS) or '"error"' in last, last[-300:]
     else:
         json.loads(body)
 

@@ -250,6 +250,27 @@ def test_stream_without_usage_asked_gets_none_but_is_metered(client: openai.Open
     assert (event["prompt_tokens"], event["completion_tokens"]) == (7, 3)
 
 
+def test_a_provider_stream_ends_with_its_usage_chunk_and_done_and_is_billed_from_it(
+    gw: GatewayProc, key: str, events: Events
+) -> None:
+    body = {"model": "haiku", "messages": MESSAGES, "max_tokens": 4, "stream": True}
+    resp = httpx.post(
+        gw.url + "/v1/chat/completions",
+        json={**body, "stream_options": {"include_usage": True}},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=20,
+    )
+    sent = [e for e in resp.text.split("\n\n") if e]
+    assert sent[-1] == "data: [DONE]" and "error" not in resp.text
+    usage_chunk = orjson.loads(sent[-2].removeprefix("data: "))
+    assert usage_chunk["choices"] == [] and usage_chunk["model"] == "haiku"
+    usage = usage_chunk["usage"]
+    event = events.get(resp.headers["x-request-id"])
+    assert (event["status"], event["partial"], event["finish_reason"]) == (200, False, "length")
+    assert (event["prompt_tokens"], event["completion_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (7, 4)
+
+
 def test_litellm_arguments_cannot_come_from_the_client(client: openai.OpenAI, sim: SimHandle) -> None:
     # litellm reads its settings from the same keywords as the request's parameters; none may come from a tenant.
     hostile = {"mock_response": "pwned", "api_base": "http://10.0.0.1:9", "api_key": "x", "headers": {"a": "b"}}

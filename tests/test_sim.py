@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import math
 import subprocess
 import time
@@ -173,12 +174,53 @@ def test_responses(sim: SimHandle, client: openai.OpenAI) -> None:
     assert reply.usage is not None
     assert (reply.usage.input_tokens, reply.usage.output_tokens) == (4, 4)
     assert reply.usage.input_tokens_details.cached_tokens == 0
+    # As vLLM reports a generation that stopped at its length limit.
+    assert reply.status == "incomplete" and reply.incomplete_details is not None
+    assert reply.incomplete_details.reason == "max_output_tokens"
     items = client.responses.create(model="r", input=[{"role": "user", "content": "a b"}], instructions="sys")
     assert items.usage is not None
     assert items.usage.input_tokens == (1 + 1) + (1 + 2) + 1  # system, user, assistant prompt
-    refused = post(sim, "/v1/responses", {"model": "r", "input": "x", "stream": True})
-    assert refused.status_code == 400
-    assert refused.json()["error"]["message"] == "streaming not supported by the simulator's responses endpoint"
+    assert items.status == "completed" and items.incomplete_details is None
+
+
+def test_responses_stream_as_vllm_does(sim: SimHandle, client: openai.OpenAI) -> None:
+    with sim.http.stream("POST", "/v1/responses", json={"model": "r", "input": "a b", "stream": True}) as raw:
+        lines = [line for line in raw.iter_lines() if line]
+    # Every event is an event line and a data line of that type; no [DONE].
+    assert len(lines) % 2 == 0 and "data: [DONE]" not in lines
+    for event, data in zip(lines[::2], lines[1::2], strict=True):
+        assert event.removeprefix("event: ") == json.loads(data.removeprefix("data: "))["type"]
+    events = list(client.responses.create(model="r", input="say something", max_output_tokens=3, stream=True))
+    assert [e.type for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * 3,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].response.usage is None and events[0].response.status == "in_progress"
+    final = events[-1].response
+    assert final.output_text == "tok0 tok1 tok2" and final.status == "incomplete"
+    assert final.usage is not None and (final.usage.input_tokens, final.usage.output_tokens) == (4, 3)
+    # The SDK's own assembly of the stream (it checks every item's identity) agrees.
+    with client.responses.stream(model="r", input="say something") as stream:
+        assembled = stream.get_final_response()
+    assert assembled.output_text == " ".join(f"tok{i}" for i in range(16)) and assembled.status == "completed"
+
+
+def test_responses_stream_cut_by_a_fault(sim: SimHandle) -> None:
+    sim.set_faults("drop_midstream", count=1, after_tokens=2, paths=["/v1/responses"])
+    body = {"model": "r", "input": "x", "max_output_tokens": 10, "stream": True}
+    seen: list[str] = []
+    with pytest.raises(httpx.RemoteProtocolError), sim.http.stream("POST", "/v1/responses", json=body) as response:
+        seen.extend(line for line in response.iter_lines() if line.startswith("event: "))
+    assert seen.count("event: response.output_text.delta") == 2 and "event: response.completed" not in seen
+    assert sim.stats()["dropped"] == 1
 
 
 @pytest.mark.parametrize(

@@ -181,6 +181,9 @@ class SimApp:
             await self._inject(fault, receive, send)
             return
         job = parse(body, self.config)
+        if job.stream and job.kind == "responses":
+            await self._responses_stream(job, body, receive, send, fault)
+            return
         if job.stream:
             await self._stream(job, receive, send, fault)
             return
@@ -195,7 +198,7 @@ class SimApp:
         elif job.kind == "completion":
             result = shapes.completion(rid, now, job.model, usage, job.finish_reason)
         else:
-            result = shapes.response(rid, now, job.model, usage, body)
+            result = shapes.finished_response(rid, now, job.model, usage, body, job.finish_reason)
         await self._send_result(result, receive, send, fault)
 
     async def _stream(self, job: Job, receive: Receive, send: Send, fault: Fault | None) -> None:
@@ -238,6 +241,83 @@ class SimApp:
                 if with_usage:
                     obj = "chat.completion.chunk" if chat else "text_completion"
                     tail = _sse(shapes.usage_chunk(rid, created, model, obj, usage)) + _DONE
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
+        except _Dropped:
+            self.stats.dropped += 1
+            await close_connection(receive)
+            return
+        self.stats.completed += 1
+
+    async def _responses_stream(
+        self, job: Job, body: dict[str, Any], receive: Receive, send: Send, fault: Fault | None
+    ) -> None:
+        """vLLM's event sequence for a streamed response: response.created and response.in_progress at once;
+        with the first token, response.output_item.added and response.content_part.added; one
+        response.output_text.delta per token; then response.output_text.done, response.content_part.done,
+        response.output_item.done, and response.completed, whose response carries the usage. Each event is
+        an `event: <type>` line and a `data: <json>` line, numbered by `sequence_number`; no [DONE]."""
+        rid = self._new_id(job.kind)
+        created = int(time.time())
+        item_id = shapes.message_id(rid)
+        drop_after = None if fault is None else fault.after_tokens
+        stamp = self.config.stamp_chunks
+        numbers = itertools.count()
+
+        def event(kind: str, fields: dict[str, Any]) -> bytes:
+            # The SDK's field order: the event's own fields, then sequence_number and type.
+            data = {**fields, "sequence_number": next(numbers), "type": kind}
+            return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+        def response(status: str) -> dict[str, Any]:
+            return shapes.response(rid, created, job.model, body, status=status, output=[], usage=None)
+
+        async def on_token(i: int) -> None:
+            if drop_after is not None and i >= drop_after:
+                raise _Dropped
+            delta: dict[str, Any] = {
+                "content_index": 0,
+                "delta": shapes.token_text(i),
+                "item_id": item_id,
+                "logprobs": [],
+                "output_index": 0,
+            }
+            if stamp:
+                delta["x_sim_sent_ns"] = time.monotonic_ns()
+            data = b""
+            if i == 0:
+                item = shapes.response_message(item_id, None, "in_progress")
+                part = shapes.output_text_part("")
+                data = event("response.output_item.added", {"item": item, "output_index": 0}) + event(
+                    "response.content_part.added",
+                    {"content_index": 0, "item_id": item_id, "output_index": 0, "part": part},
+                )
+            data += event("response.output_text.delta", delta)
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        await send(_SSE_START)
+        start = event("response.created", {"response": response("in_progress")})
+        start += event("response.in_progress", {"response": response("in_progress")})
+        await send({"type": "http.response.body", "body": start, "more_body": True})
+        admission = self.engine.try_admit(job)
+        try:
+            async with _disconnect_guard(receive, admission):
+                usage = await self.engine.stream(job, on_token, admission)
+                if drop_after is not None:
+                    raise _Dropped
+                text = shapes.output_text(usage.completion_tokens)
+                at = {"content_index": 0, "item_id": item_id, "output_index": 0}
+                tail = (
+                    event("response.output_text.done", {**at, "logprobs": [], "text": text})
+                    + event("response.content_part.done", {**at, "part": shapes.output_text_part(text)})
+                    + event(
+                        "response.output_item.done",
+                        {"item": shapes.response_message(item_id, text, "completed"), "output_index": 0},
+                    )
+                    + event(
+                        "response.completed",
+                        {"response": shapes.finished_response(rid, created, job.model, usage, body, job.finish_reason)},
+                    )
+                )
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
         except _Dropped:
             self.stats.dropped += 1

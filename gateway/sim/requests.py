@@ -78,8 +78,6 @@ def parse_completion(body: dict[str, Any], config: SimConfig) -> Job:
 
 
 def parse_responses(body: dict[str, Any], config: SimConfig) -> Job:
-    if body.get("stream"):
-        raise SimError(400, "streaming not supported by the simulator's responses endpoint", "stream")
     parts: list[str] = []
     instructions = body.get("instructions")
     if isinstance(instructions, str):

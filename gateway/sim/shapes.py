@@ -18,9 +18,14 @@ __all__ = [
     "completion_chunk",
     "embedding_vector",
     "embeddings",
+    "finished_response",
+    "message_id",
     "model_card",
     "output_text",
+    "output_text_part",
     "response",
+    "response_message",
+    "response_usage",
     "token_text",
     "usage",
     "usage_chunk",
@@ -146,40 +151,79 @@ def embeddings(
     }
 
 
-def response(rid: str, created: int, model: str, u: Usage, body: dict[str, Any]) -> dict[str, Any]:
-    """A Responses API object with one assistant message."""
+def response(
+    rid: str,
+    created: int,
+    model: str,
+    body: dict[str, Any],
+    *,
+    status: str,
+    output: list[dict[str, Any]],
+    usage: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """A Responses API object, its fields in vLLM's order (user `metadata` comes before `model`)."""
     return {
         "id": rid,
-        "object": "response",
         "created_at": created,
-        "status": "completed",
-        "error": None,
-        "incomplete_details": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         "instructions": body.get("instructions"),
-        "max_output_tokens": body.get("max_output_tokens"),
+        "metadata": body.get("metadata"),
         "model": model,
-        "output": [
-            {
-                "type": "message",
-                "id": "msg_" + rid.removeprefix("resp_"),
-                "status": "completed",
-                "role": "assistant",
-                "content": [{"type": "output_text", "text": output_text(u.completion_tokens), "annotations": []}],
-            }
-        ],
+        "object": "response",
+        "output": output,
         "parallel_tool_calls": True,
-        "temperature": body.get("temperature"),
+        "temperature": body.get("temperature", 1.0),
         "tool_choice": "auto",
         "tools": [],
-        "top_p": body.get("top_p"),
-        "metadata": body.get("metadata") or {},
-        "usage": {
-            "input_tokens": u.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": u.cached_tokens},
-            "output_tokens": u.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-        },
+        "top_p": body.get("top_p", 1.0),
+        "background": False,
+        "max_output_tokens": body.get("max_output_tokens"),
+        "max_tool_calls": None,
+        "previous_response_id": None,
+        "prompt": None,
+        "reasoning": None,
+        "service_tier": "auto",
+        "status": status,
+        "text": None,
+        "top_logprobs": None,
+        "truncation": "disabled",
+        "usage": usage,
+        "user": None,
+    }
+
+
+def finished_response(
+    rid: str, created: int, model: str, u: Usage, body: dict[str, Any], finish: str
+) -> dict[str, Any]:
+    """The response at its end: one assistant message, the usage, and, as vLLM reports a generation that hit
+    its length limit, status `incomplete` (with `incomplete_details`) rather than `completed`."""
+    text = output_text(u.completion_tokens)
+    output = [response_message(message_id(rid), text, "completed")]
+    status = "incomplete" if finish == "length" else "completed"
+    return response(rid, created, model, body, status=status, output=output, usage=response_usage(u))
+
+
+def message_id(rid: str) -> str:
+    return "msg_" + rid.removeprefix("resp_")
+
+
+def response_message(item_id: str, text: str | None, status: str) -> dict[str, Any]:
+    """An assistant message item; `text` None while it has no content part yet."""
+    content = [] if text is None else [output_text_part(text)]
+    return {"id": item_id, "content": content, "role": "assistant", "status": status, "type": "message"}
+
+
+def output_text_part(text: str) -> dict[str, Any]:
+    return {"annotations": [], "text": text, "type": "output_text", "logprobs": []}
+
+
+def response_usage(u: Usage) -> dict[str, Any]:
+    return {
+        "input_tokens": u.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": u.cached_tokens},
+        "output_tokens": u.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
     }
 
 

@@ -1,4 +1,4 @@
-"""Talking to backends: translating their answers and errors, and the SSE relay.
+"""Talking to backends: translating their answers and errors, and the stream relay.
 
 The HTTP client itself is `gateway.wire.httpclient` (one keep-alive pool per backend), chosen by measurement
 (docs/ARCHITECTURE.md). Every client failure is translated into the gateway's error tree here and in
@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol
 
@@ -19,17 +18,16 @@ import orjson
 from gateway.asgi import Send
 from gateway.errors import BadRequestError, GatewayError, ServiceUnavailableError, UpstreamError
 from gateway.upstream.backends import Backend
+from gateway.upstream.formats import StreamOutcome, stream_format
 from gateway.wire import httpclient
 
 __all__ = [
     "DirectWriter",
     "Relay",
-    "StreamOutcome",
     "UpstreamPool",
     "UpstreamResponse",
-    "Usage",
+    "backend_headers",
     "error_from_backend",
-    "usage_from",
 ]
 
 log = logging.getLogger("gateway.upstream")
@@ -79,41 +77,6 @@ class UpstreamPool(Protocol):
     async def close(self) -> None: ...
 
 
-@dataclass(slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-
-@dataclass(slots=True)
-class StreamOutcome:
-    usage: Usage = field(default_factory=Usage)
-    usage_seen: bool = False
-    content_chunks: int = 0
-    finish_reason: str | None = None
-    done: bool = False
-    failed: bool = False
-    first_chunk_at: float | None = None
-
-
-def usage_from(obj: object) -> Usage | None:
-    if not isinstance(obj, dict):
-        return None
-    usage = obj.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
-    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
-    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
-    cached = details.get("cached_tokens", 0) if isinstance(details, dict) else 0
-    return Usage(
-        prompt_tokens=prompt if isinstance(prompt, int) else 0,
-        completion_tokens=completion if isinstance(completion, int) else 0,
-        cached_tokens=cached if isinstance(cached, int) else 0,
-    )
-
-
 def error_from_backend(status: int, data: bytes) -> GatewayError:
     """A backend's error answer as a gateway error (SPEC section 3).
 
@@ -161,36 +124,51 @@ class DirectWriter(Protocol):
 
 
 class Relay:
-    """Relays one backend SSE stream to the client, event by event, metering as it goes.
+    """Relays one backend stream to the client, event by event, metering as it goes.
 
     Events are forwarded as soon as they are complete (several that arrive in one read go out in one
-    write). The usage chunk that the gateway asked for is parsed, and dropped unless the client asked too.
-    Under the gateway's own server, events go from the backend connection's callback straight to the
-    client's transport (`run_direct`); under any other ASGI server, through `send` (`run`).
+    write; only an incomplete event at the end of a read waits for the rest). What an event means (usage,
+    output, the end, a failure) is read by the parser of the stream's format (`gateway.upstream.formats`):
+    the usage chunk that the gateway asked for on a chat stream is dropped unless the client asked too,
+    and a stream that breaks before its format's end gets that format's error event. Under the gateway's
+    own server, events go from the backend connection's callback straight to the client's transport
+    (`run_direct`); under any other ASGI server, through `send` (`run`).
     """
 
     def __init__(
-        self, send: Send, *, client_wants_usage: bool, model_from: bytes | None, model_to: bytes | None
+        self,
+        send: Send,
+        *,
+        endpoint: str,
+        client_wants_usage: bool,
+        model_from: bytes | None,
+        model_to: bytes | None,
     ) -> None:
         self._send = send
-        self._wants_usage = client_wants_usage
-        self._model_from = model_from
-        self._model_to = model_to
         self._buffer = b""
         self.outcome = StreamOutcome()
+        self._format = stream_format(
+            endpoint, self.outcome, client_wants_usage=client_wants_usage, model_from=model_from, model_to=model_to
+        )
+        self._event = self._format.event
+
+    def error_event(self, error: GatewayError) -> bytes:
+        """`error` as the last event of this stream, in its format."""
+        return self._format.error_event(error)
 
     async def run(self, resp: UpstreamResponse, clock: float) -> None:
         """Relay through ASGI `send`, one await per batch of events."""
+        outcome = self.outcome
         try:
             async for chunk in resp:
                 out = self._events(chunk)
                 if out:
-                    if self.outcome.first_chunk_at is None:
-                        self.outcome.first_chunk_at = time.perf_counter() - clock
+                    if outcome.first_chunk_at is None and outcome.content_chunks:
+                        outcome.first_chunk_at = time.perf_counter() - clock
                     await self._send({"type": "http.response.body", "body": out, "more_body": True})
         except httpclient.UpstreamError as exc:
             log.warning("backend stream failed mid-way: %s", type(exc).__name__)
-            self.outcome.failed = True
+            outcome.failed = True
         await self._end()
 
     async def run_direct(self, resp: UpstreamResponse, client: DirectWriter, clock: float) -> None:
@@ -202,7 +180,7 @@ class Relay:
             out = self._events(chunk)
             if not out:
                 return True
-            if outcome.first_chunk_at is None:
+            if outcome.first_chunk_at is None and outcome.content_chunks:
                 outcome.first_chunk_at = time.perf_counter() - clock
             if client.write_body(out):
                 return True
@@ -218,8 +196,8 @@ class Relay:
         await self._end()
 
     def _events(self, chunk: bytes) -> bytes:
-        """The complete events of what arrived so far, rewritten for the client (usage chunk dropped unless
-        asked for); an incomplete event at the end waits for the rest."""
+        """The complete events of what arrived so far, as the format forwards them; an incomplete event at
+        the end waits for the rest."""
         buffer = self._buffer + chunk
         if b"\n\n" not in buffer:
             self._buffer = buffer
@@ -236,46 +214,8 @@ class Relay:
         if not self.outcome.done:
             self.outcome.failed = True
             error = UpstreamError("The backend stream ended unexpectedly; the answer is incomplete.")
-            await self._send(
-                {"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n", "more_body": True}
-            )
+            await self._send({"type": "http.response.body", "body": self.error_event(error), "more_body": True})
         await self._send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    def _event(self, event: bytes) -> bytes | None:
-        event = event.strip(b"\r\n")
-        if not event:
-            return None
-        if event == b"data: [DONE]":
-            self.outcome.done = True
-            return b"data: [DONE]\n\n"
-        if b'"usage":{' in event or b'"usage": {' in event:
-            payload = event[6:] if event.startswith(b"data: ") else event
-            try:
-                obj = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                obj = None
-            usage = usage_from(obj)
-            if usage is not None:
-                self.outcome.usage = usage
-                self.outcome.usage_seen = True
-                if isinstance(obj, dict) and obj.get("choices") == [] and not self._wants_usage:
-                    return None
-        else:
-            # One token per chunk, as vLLM streams them; the role chunk that opens a chat stream (empty
-            # content) is not one.
-            if b'"content":""' not in event:
-                self.outcome.content_chunks += 1
-            if b'"finish_reason":"' in event:
-                self.outcome.finish_reason = _finish_reason(event)
-        if self._model_from is not None and self._model_to is not None:
-            event = event.replace(self._model_from, self._model_to, 1)
-        return event + b"\n\n"
-
-
-def _finish_reason(event: bytes) -> str | None:
-    start = event.find(b'"finish_reason":"') + len(b'"finish_reason":"')
-    end = event.find(b'"', start)
-    return event[start:end].decode(errors="replace")[:40] if end > start else None
 
 
 def backend_headers(backend: Backend, request_id: str, api_key: str | None) -> dict[str, str]:
