@@ -46,7 +46,8 @@ class ListenConfig(_Frozen):
 class LimitsConfig(_Frozen):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_tokens_cap: int = Field(default=32768, ge=1)
-    # Completion tokens reserved (tpm, budget, fair queue) when a request does not set max_tokens.
+    # Output tokens per sequence reserved (tpm, budget, fair queue) for a request that sets no limit, on
+    # models that set no max_output_tokens of their own.
     default_max_tokens: int = Field(default=1024, ge=1)
     # Upstream timeouts: connecting, and waiting for the first byte / between bytes of a stream.
     connect_timeout_s: float = Field(default=5.0, gt=0)
@@ -140,6 +141,30 @@ class ModelConfig(_Frozen):
     backends: tuple[str, ...] = Field(min_length=1)
     upstream_model: str | None = None
     price: Price | None = None
+    # Prompt plus output tokens the model holds (vLLM's --max-model-len). A request that sets no output limit
+    # is reserved at most what its prompt leaves of it; one whose limit alone reaches it gets 400.
+    context_length: int | None = Field(default=None, ge=2, le=1 << 30)
+    # Output tokens per sequence the engine generates when a request sets no limit: what the server is set
+    # to stop at (vLLM's generation config), or what the gateway writes into the request when
+    # inject_max_tokens is on. Unset: limits.default_max_tokens.
+    max_output_tokens: int | None = Field(default=None, ge=1, le=1 << 30)
+    # Write the default into requests that set no limit (max_completion_tokens on chat, max_tokens on
+    # completions, max_output_tokens on responses), so the engine really stops there.
+    inject_max_tokens: bool = False
+
+    @model_validator(mode="after")
+    def _output_limits(self) -> ModelConfig:
+        if (
+            self.context_length is not None
+            and self.max_output_tokens is not None
+            and self.max_output_tokens >= self.context_length
+        ):
+            raise ValueError("max_output_tokens: must be below context_length, which the prompt shares")
+        if self.inject_max_tokens and self.context_length is None:
+            # Without it the gateway cannot tell whether the default still fits after a long prompt, and an
+            # engine answers 400 to a prompt plus max_tokens beyond its context.
+            raise ValueError("inject_max_tokens: needs context_length")
+        return self
 
     @property
     def upstream_name(self) -> str:
@@ -285,6 +310,9 @@ class Settings(_Frozen):
             for backend in model.backends:
                 if backend not in names:
                     raise ValueError(f"models[{i}].backends: unknown backend {backend!r}")
+            if model.max_output_tokens is not None and model.max_output_tokens > self.limits.max_tokens_cap:
+                # An injected limit above the cap would be one the gateway refuses from its own clients.
+                raise ValueError(f"models[{i}].max_output_tokens: above limits.max_tokens_cap")
         tenants = [t.id for t in self.tenants]
         if len(set(tenants)) != len(tenants):
             raise ValueError("tenants: ids must be unique")

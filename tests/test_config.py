@@ -35,6 +35,11 @@ billing:
 """
 
 
+def model_with(*lines: str) -> str:
+    """GOOD with these lines added to its model."""
+    return GOOD.replace("backends: [vllm-a]", "backends: [vllm-a]" + "".join(f"\n    {line}" for line in lines))
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "gateway.yaml"
     path.write_text(text)
@@ -79,6 +84,11 @@ def test_env_overrides_nested_values(tmp_path: Path) -> None:
         (GOOD.replace("capacity: 64", "capacity: 64, provider_model: a/b"), "backends[0]: provider_model"),
         (GOOD.replace("cache_scope: tenant", "on_limit: {budget: fallback}"), "tenants[0].on_limit"),
         (GOOD.replace("max_tokens_cap: 32768", "max_tokens_cap: 32768, tokenizer: bpe"), "limits.tokenizer"),
+        (model_with("context_length: 1"), "models[0].context_length"),
+        (model_with("context_length: 4096", "max_output_tokens: 4096"), "models[0]: max_output_tokens"),
+        (model_with("inject_max_tokens: true"), "models[0]: inject_max_tokens"),
+        (model_with("max_output_tokens: 40000"), "models[0].max_output_tokens"),
+        (model_with("inject_max_tokens: sure"), "models[0].inject_max_tokens"),
     ],
 )
 def test_errors_name_the_field(tmp_path: Path, text: str, field: str) -> None:
@@ -86,6 +96,14 @@ def test_errors_name_the_field(tmp_path: Path, text: str, field: str) -> None:
         load_settings(write(tmp_path, text), env={"ACME_CI_KEY": "k"})
     assert str(info.value).startswith(field), str(info.value)
     assert "hunter2" not in str(info.value)
+
+
+def test_model_output_limits(tmp_path: Path) -> None:
+    text = model_with("context_length: 131072", "max_output_tokens: 2048", "inject_max_tokens: true")
+    model = load_settings(write(tmp_path, text), env={"ACME_CI_KEY": "k"}).models[0]
+    assert (model.context_length, model.max_output_tokens, model.inject_max_tokens) == (131072, 2048, True)
+    plain = load_settings(write(tmp_path, GOOD), env={"ACME_CI_KEY": "k"}).models[0]
+    assert (plain.context_length, plain.max_output_tokens, plain.inject_max_tokens) == (None, None, False)
 
 
 def test_provider_backends_and_fallback_policy(tmp_path: Path) -> None:

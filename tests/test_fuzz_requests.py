@@ -54,7 +54,9 @@ def check(endpoint: str, raw: bytes, principal: Principal | None = None, salted:
     note("parsed")
     assert isinstance(parsed.model, str) and parsed.model
     assert isinstance(parsed.stream, bool) and isinstance(parsed.client_wants_usage, bool)
-    assert parsed.max_tokens is None or 1 <= parsed.max_tokens <= 1000
+    assert parsed.max_tokens is None or 1 <= parsed.max_tokens <= 1000 or (parsed.max_tokens == 0 and parsed.echo)
+    assert 1 <= parsed.n <= 128 and (parsed.best_of is None or 1 <= parsed.best_of <= 128)
+    assert parsed.prompts >= 1
     assert parsed.client_salt is None or isinstance(parsed.client_salt, str)
     if principal is not None:
         check_rewrite(parsed, principal, salted)

@@ -30,6 +30,11 @@ def words(n: int, tag: str = "w") -> str:
     return " ".join(f"{tag}{i}" for i in range(n))
 
 
+def output(n: int) -> str:
+    """The simulator's text of n generated tokens."""
+    return " ".join(f"tok{i}" for i in range(n))
+
+
 def chat_body(content: str, **extra: Any) -> dict[str, Any]:
     return {"model": "m", "messages": [{"role": "user", "content": content}], **extra}
 
@@ -136,10 +141,54 @@ def test_chat_without_limit_uses_default_and_stops(client: openai.OpenAI) -> Non
 
 
 def test_max_completion_tokens_wins(client: openai.OpenAI) -> None:
-    reply = client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "x"}], max_completion_tokens=2, max_tokens=9
-    )
-    assert reply.choices[0].message.content == "tok0 tok1"
+    """As in vLLM: chat reads max_completion_tokens first, whichever of the two is smaller."""
+    for completion_limit, legacy_limit in ((2, 9), (9, 2)):
+        reply = client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "x"}],
+            max_completion_tokens=completion_limit,
+            max_tokens=legacy_limit,
+        )
+        assert reply.choices[0].message.content == output(completion_limit)
+        assert reply.usage is not None and reply.usage.completion_tokens == completion_limit
+
+
+def test_n_choices_share_the_prompt_and_sum_their_tokens(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], n=3, max_tokens=4)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert {c.message.content for c in reply.choices} == {output(4)}
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (3, 12)  # the prompt is read once
+    done = client.completions.create(model="m", prompt="a b c", n=2, max_tokens=5)
+    assert [(c.index, c.text, c.finish_reason) for c in done.choices] == [(i, output(5), "length") for i in (0, 1)]
+    assert done.usage is not None and (done.usage.prompt_tokens, done.usage.completion_tokens) == (3, 10)
+
+
+def test_n_without_a_limit_gives_each_choice_the_default(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], n=2)
+    assert reply.usage is not None and reply.usage.completion_tokens == 2 * 16
+    assert {c.finish_reason for c in reply.choices} == {"stop"}
+
+
+def test_a_list_of_prompts_is_a_batch_each_with_n_choices(client: openai.OpenAI) -> None:
+    reply = client.completions.create(model="m", prompt=["a b", "c d e"], n=2, max_tokens=3)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert {c.text for c in reply.choices} == {output(3)}
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (2 + 3, 4 * 3)
+    by_ids = client.completions.create(model="m", prompt=[[1, 2], [3], [4, 5, 6]], max_tokens=2)
+    assert len(by_ids.choices) == 3
+    assert by_ids.usage is not None and (by_ids.usage.prompt_tokens, by_ids.usage.completion_tokens) == (6, 6)
+    # One prompt given as a list of one is not a batch.
+    single = client.completions.create(model="m", prompt=["a b c"], max_tokens=1)
+    assert len(single.choices) == 1
+
+
+def test_each_prompt_of_a_batch_meets_the_prefix_cache(sim: SimHandle) -> None:
+    body = {"model": "m", "prompt": [words(40, "a"), words(40, "b")], "max_tokens": 1}
+    assert cached(sim, body, "/v1/completions") == 0
+    # 40 tokens each: two whole blocks of each prompt are reused.
+    assert cached(sim, body, "/v1/completions") == 2 * 2 * BLOCK
 
 
 def test_completion_shape(client: openai.OpenAI) -> None:
@@ -230,6 +279,8 @@ def test_responses_stream_cut_by_a_fault(sim: SimHandle) -> None:
         {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
         {"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"},
         {"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9},
+        {"messages": [{"role": "user", "content": "x"}], "n": 0},
+        {"messages": [{"role": "user", "content": "x"}], "n": "2"},
     ],
 )
 def test_bad_requests_are_400(sim: SimHandle, body: dict[str, Any]) -> None:
@@ -293,6 +344,43 @@ def test_completions_stream(client: openai.OpenAI) -> None:
     assert len(chunks) == 4 + 1
     assert chunks[-1].usage is not None
     assert chunks[-1].usage.total_tokens == 6
+
+
+def test_stream_with_n_sends_every_choice_each_token(client: openai.OpenAI) -> None:
+    with client.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "hi"}],
+        n=3,
+        max_tokens=4,
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as stream:
+        chunks = list(stream)
+    texts = ["", "", ""]
+    roles = []
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.delta.content or ""
+        if choice.delta.role:
+            roles.append(choice.index)
+    assert roles == [0, 1, 2]
+    assert texts == [output(4)] * 3
+    assert chunks[-1].usage is not None
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (3, 12)
+
+
+def test_stream_of_a_batch(client: openai.OpenAI) -> None:
+    with client.completions.create(
+        model="m", prompt=["a", "b c"], n=2, max_tokens=2, stream=True, stream_options={"include_usage": True}
+    ) as stream:
+        chunks = list(stream)
+    by_index: dict[int, str] = {}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        by_index[choice.index] = by_index.get(choice.index, "") + choice.text
+    assert by_index == dict.fromkeys(range(4), output(2))
+    assert chunks[-1].usage is not None
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (3, 8)
 
 
 def test_raw_sse_framing(sim: SimHandle) -> None:

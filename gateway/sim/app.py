@@ -194,9 +194,9 @@ class SimApp:
         now = int(time.time())
         result: dict[str, Any]
         if job.kind == "chat":
-            result = shapes.chat_completion(rid, now, job.model, usage, job.finish_reason)
+            result = shapes.chat_completion(rid, now, job.model, usage, job.finish_reason, job.choices)
         elif job.kind == "completion":
-            result = shapes.completion(rid, now, job.model, usage, job.finish_reason)
+            result = shapes.completion(rid, now, job.model, usage, job.finish_reason, job.choices)
         else:
             result = shapes.finished_response(rid, now, job.model, usage, body, job.finish_reason)
         await self._send_result(result, receive, send, fault)
@@ -210,22 +210,27 @@ class SimApp:
         drop_after = None if fault is None else fault.after_tokens
         chat = job.kind == "chat"
         stamp = self.config.stamp_chunks
+        choices = range(job.choices)
 
         async def on_token(i: int) -> None:
             if drop_after is not None and i >= drop_after:
                 raise _Dropped
             finish = job.finish_reason if i == last else None
-            if chat:
-                chunk = shapes.chat_chunk(rid, created, model, {"content": shapes.token_text(i)}, finish, with_usage)
-            else:
-                chunk = shapes.completion_chunk(rid, created, model, shapes.token_text(i), finish, with_usage)
-            if stamp:
-                chunk["x_sim_sent_ns"] = time.monotonic_ns()
-            data = _sse(chunk)
+            text = shapes.token_text(i)
+            data = b""
             if chat and i == 0:
-                # As vLLM does: the role arrives with the first token, in a chunk of its own.
+                # As vLLM does: each choice's role arrives before the first token, in a chunk of its own.
                 role = {"role": "assistant", "content": ""}
-                data = _sse(shapes.chat_chunk(rid, created, model, role, None, with_usage)) + data
+                starts = (shapes.chat_chunk(rid, created, model, role, None, with_usage, c) for c in choices)
+                data = b"".join(_sse(chunk) for chunk in starts)
+            for c in choices:
+                if chat:
+                    chunk = shapes.chat_chunk(rid, created, model, {"content": text}, finish, with_usage, c)
+                else:
+                    chunk = shapes.completion_chunk(rid, created, model, text, finish, with_usage, c)
+                if stamp:
+                    chunk["x_sim_sent_ns"] = time.monotonic_ns()
+                data += _sse(chunk)
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
         # Headers go first, as vLLM sends them before the request is even scheduled; and nothing may

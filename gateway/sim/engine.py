@@ -105,14 +105,21 @@ class Engine:
 
     def _prefill(self, job: Job) -> Admission:
         config = self.config
-        hashes = self.cache.block_hashes(job.tokens, job.salt)
-        prompt = job.prompt_tokens
-        cached = self.cache.lookup(hashes, prompt)
+        cache = self.cache
+        hashes: list[bytes] = []
+        prompt = cached = 0
+        for tokens in job.prompts:
+            prompt_hashes = cache.block_hashes(tokens, job.salt)
+            cached += cache.lookup(prompt_hashes, len(tokens))
+            prompt += len(tokens)
+            hashes += prompt_hashes
         ttft_ms = config.ttft_ms + config.prefill_us_per_token * (prompt - cached) / 1000
-        blocks = -(-(prompt + job.max_tokens) // config.block_size)
+        # Every choice decodes in parallel with the others: the same time, its own KV blocks.
+        completion = job.choices * job.max_tokens
+        blocks = -(-(prompt + completion) // config.block_size)
         self.blocks_in_use += blocks
         return Admission(
-            usage=Usage(prompt, cached, job.max_tokens),
+            usage=Usage(prompt, cached, completion),
             hashes=hashes,
             ttft_s=ttft_ms / 1000,
             decode_s=self._itl_s * (job.max_tokens - 1),

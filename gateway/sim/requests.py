@@ -3,6 +3,11 @@
 Tokenization is deliberately trivial (one token per whitespace-separated word) so that a test can state
 a prompt's token count exactly and the simulator spends no time on it. Chat messages are rendered with
 a fixed template ("<|role|>" before each message and "<|assistant|>" at the end), one token each.
+
+As in vLLM, chat reads `max_completion_tokens` before `max_tokens`; chat and completions generate `n`
+choices per prompt; a completions `prompt` that lists prompts (strings or token-id lists) is a batch, each
+prompt read and given its own n choices. Unlike vLLM, a batch runs as one job: its prompts share a running
+slot and one output length (with no limit set, the default lowered to the room its longest prompt leaves).
 """
 
 from __future__ import annotations
@@ -33,10 +38,22 @@ class Job:
     finish_reason: str
     stream: bool
     include_usage: bool
+    n: int = 1
+    """Choices generated per prompt, each of `max_tokens`."""
+    batch: tuple[list[str], ...] = ()
+    """The prompts after the first of a completions batch."""
+
+    @property
+    def prompts(self) -> tuple[list[str], ...]:
+        return (self.tokens, *self.batch)
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.tokens)
+        return sum(len(tokens) for tokens in self.prompts)
+
+    @property
+    def choices(self) -> int:
+        return (1 + len(self.batch)) * self.n
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,17 +81,27 @@ def parse_chat(body: dict[str, Any], config: SimConfig) -> Job:
 
 def parse_completion(body: dict[str, Any], config: SimConfig) -> Job:
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        tokens = prompt.split()
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        tokens = [str(t) for t in prompt]
+    prompts: list[Any]
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
+        prompts = [prompt]
+    elif (
+        isinstance(prompt, list)
+        and prompt
+        and (
+            all(isinstance(p, str) for p in prompt)
+            or all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt)
+        )
+    ):
+        prompts = prompt
     else:
-        raise SimError(400, "'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
-    if not tokens:
+        raise SimError(
+            400, "'prompt' must be a string, a list of token ids, or a list of strings or of token-id lists", "prompt"
+        )
+    token_lists = [p.split() if isinstance(p, str) else [str(t) for t in p] for p in prompts]
+    if not all(token_lists):
         raise SimError(400, "the prompt must not be empty", "prompt")
-    return _job("completion", body, config, tokens, "max_tokens")
+    first, *rest = token_lists
+    return _job("completion", body, config, first, "max_tokens", tuple(rest))
 
 
 def parse_responses(body: dict[str, Any], config: SimConfig) -> Job:
@@ -141,17 +168,26 @@ def check_salt(body: dict[str, Any], config: SimConfig) -> str | None:
     return salt
 
 
-def _job(kind: Kind, body: dict[str, Any], config: SimConfig, tokens: list[str], limit_field: str) -> Job:
+def _job(
+    kind: Kind,
+    body: dict[str, Any],
+    config: SimConfig,
+    tokens: list[str],
+    limit_field: str,
+    batch: tuple[list[str], ...] = (),
+) -> Job:
     salt = check_salt(body, config)
     limit = _int_field(body, limit_field)
-    if body.get("n", 1) not in (1, None):
-        raise SimError(400, "the simulator serves n=1 only", "n")
+    n = _int_field(body, "n") if kind in ("chat", "completion") else None
+    if n is not None and n < 1:
+        raise SimError(400, f"n must be at least 1, got {n}.", "n")
     stream = body.get("stream", False)
     if not isinstance(stream, bool | None):
         raise SimError(400, "'stream' must be a boolean", "stream")
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    room = config.max_model_len - len(tokens)
+    longest = max(len(p) for p in (tokens, *batch))
+    room = config.max_model_len - longest
     if limit is not None and limit < 1:
         raise SimError(400, f"'{limit_field}' must be at least 1", limit_field)
     requested = limit if limit is not None else min(config.max_tokens_default, room)
@@ -159,7 +195,7 @@ def _job(kind: Kind, body: dict[str, Any], config: SimConfig, tokens: list[str],
         raise SimError(
             400,
             f"This model's maximum context length is {config.max_model_len} tokens. However, you requested "
-            f"{len(tokens) + max(requested, 0)} tokens ({len(tokens)} in the messages, "
+            f"{longest + max(requested, 0)} tokens ({longest} in the messages, "
             f"{max(requested, 0)} in the completion). Please reduce the length of the messages or completion.",
         )
     return Job(
@@ -171,6 +207,8 @@ def _job(kind: Kind, body: dict[str, Any], config: SimConfig, tokens: list[str],
         finish_reason="length" if limit is not None else "stop",
         stream=bool(stream),
         include_usage=include_usage,
+        n=n or 1,
+        batch=batch,
     )
 
 

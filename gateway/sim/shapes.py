@@ -51,7 +51,11 @@ def usage(u: Usage) -> dict[str, Any]:
     }
 
 
-def chat_completion(rid: str, created: int, model: str, u: Usage, finish_reason: str) -> dict[str, Any]:
+def chat_completion(
+    rid: str, created: int, model: str, u: Usage, finish_reason: str, choices: int = 1
+) -> dict[str, Any]:
+    """`choices` choices of equal length share the completion tokens of `u`."""
+    text = output_text(u.completion_tokens // choices)
     return {
         "id": rid,
         "object": "chat.completion",
@@ -59,30 +63,28 @@ def chat_completion(rid: str, created: int, model: str, u: Usage, finish_reason:
         "model": model,
         "choices": [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": output_text(u.completion_tokens), "tool_calls": []},
+                "index": i,
+                "message": {"role": "assistant", "content": text, "tool_calls": []},
                 "logprobs": None,
                 "finish_reason": finish_reason,
             }
+            for i in range(choices)
         ],
         "usage": usage(u),
         "system_fingerprint": None,
     }
 
 
-def completion(rid: str, created: int, model: str, u: Usage, finish_reason: str) -> dict[str, Any]:
+def completion(rid: str, created: int, model: str, u: Usage, finish_reason: str, choices: int = 1) -> dict[str, Any]:
+    """`choices` choices of equal length share the completion tokens of `u`."""
+    text = output_text(u.completion_tokens // choices)
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
         "choices": [
-            {
-                "index": 0,
-                "text": output_text(u.completion_tokens),
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
+            {"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason} for i in range(choices)
         ],
         "usage": usage(u),
         "system_fingerprint": None,
@@ -90,14 +92,20 @@ def completion(rid: str, created: int, model: str, u: Usage, finish_reason: str)
 
 
 def chat_chunk(
-    rid: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None, with_usage: bool
+    rid: str,
+    created: int,
+    model: str,
+    delta: dict[str, Any],
+    finish_reason: str | None,
+    with_usage: bool,
+    index: int = 0,
 ) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": rid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
     }
     if with_usage:
         # OpenAI sends "usage": null on every chunk but the last when include_usage is set.
@@ -106,14 +114,14 @@ def chat_chunk(
 
 
 def completion_chunk(
-    rid: str, created: int, model: str, text: str, finish_reason: str | None, with_usage: bool
+    rid: str, created: int, model: str, text: str, finish_reason: str | None, with_usage: bool, index: int = 0
 ) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
     }
     if with_usage:
         chunk["usage"] = None

@@ -34,6 +34,9 @@ OWNED = [
     "max_completion_tokens",
     "max_output_tokens",
     "n",
+    "best_of",
+    "use_beam_search",
+    "echo",
     "cache_salt",
     "user",
 ]
