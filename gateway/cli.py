@@ -32,9 +32,23 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from gateway.demo import run_demo
+    try:
+        from gateway.demo import DemoOptions, run_demo
+    except KeyboardInterrupt:  # Ctrl-C while the server stack is still loading (seconds on a busy machine)
+        return 130
 
-    return run_demo(host=args.host, port=args.port, sim_port=args.sim_port, state_dir=args.state_dir)
+    if args.load_seconds <= 0:
+        print("gateway demo: --load-seconds must be more than 0", file=sys.stderr)
+        return 2
+    options = DemoOptions(
+        host=args.host,
+        port=args.port,
+        sim_port=args.sim_port,
+        state_dir=args.state_dir,
+        load=args.load,
+        load_seconds=args.load_seconds,
+    )
+    return run_demo(options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,10 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=sim_cli.run)
 
     demo = sub.add_parser("demo", help="simulator + gateway + two demo tenants, in one command")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8080)
-    demo.add_argument("--sim-port", type=int, default=8000)
-    demo.add_argument("--state-dir", default=".gateway/demo")
+    demo.add_argument("--host", default="127.0.0.1", help="gateway listen address (default: %(default)s)")
+    demo.add_argument("--port", type=int, help="gateway port (default: 8080, or the next free one)")
+    demo.add_argument("--sim-port", type=int, help="simulator port (default: 8000, or the next free one)")
+    demo.add_argument(
+        "--state-dir",
+        default=".gateway/demo",
+        help="the demo's config, state and logs; emptied at each start (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--load",
+        action="store_true",
+        help="also run a load: a steady weight-3 tenant and a noisy rate-limited weight-1 one, with a live summary",
+    )
+    demo.add_argument("--load-seconds", type=float, default=60.0, help="how long the load runs (default: %(default)g)")
     demo.set_defaults(func=_demo)
     from gateway.admin import cli as admin_cli
 
