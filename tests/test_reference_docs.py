@@ -8,6 +8,8 @@
   404, 429, upstream 500s, a stream cut by the backend and one left by the client, a fallback, an
   isolation refusal, a queue, and a Redis outage. Both ways: every exported family is documented, with
   its type and labels, and every documented metric has samples.
+- billing-event.md and billing-event.schema.json: the schema is valid draft 2020-12, the page and the
+  schema name the same fields, and every event the same real gateway wrote to its jsonl sink validates.
 - Every link between the pages, and every anchor, resolves.
 """
 
@@ -21,12 +23,14 @@ import threading
 import time
 import types
 import typing
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import yaml
@@ -45,6 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "docs" / "reference"
 CONFIGURATION = REFERENCE / "configuration.md"
 METRICS = REFERENCE / "metrics.md"
+BILLING_EVENT = REFERENCE / "billing-event.md"
+BILLING_SCHEMA = REFERENCE / "billing-event.schema.json"
 
 
 # --- reading Markdown ------------------------------------------------------------------------------------
@@ -525,6 +531,73 @@ def test_label_values_are_bounded(live: Live) -> None:
     for placeholder in ("`other`", "`unauthenticated`", "`unknown`"):
         assert placeholder in page
     assert "no-such-model" not in live.metrics
+
+
+# --- billing-event.md and its JSON Schema ----------------------------------------------------------------
+
+
+def billing_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads(BILLING_SCHEMA.read_text())
+    return schema
+
+
+def test_billing_schema_is_draft_2020_12() -> None:
+    schema = billing_schema()
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def test_billing_page_and_schema_name_the_same_fields() -> None:
+    schema = billing_schema()
+    usage = schema["$defs"]["usage"]
+    page = {s.heading: {ticked(row[0])[0] for row in s.rows} for s in sections(BILLING_EVENT) if s.rows}
+    assert page["Envelope"] == set(schema["properties"]) == set(schema["required"])
+    assert page["`data`"] == set(usage["properties"]) == set(usage["required"])
+    data_section = next(s for s in sections(BILLING_EVENT) if s.heading == "`data`").text
+    for name in usage["properties"]["timings"]["properties"]:
+        assert f"`{name}`" in data_section, f"billing-event.md does not explain timings.{name}"
+
+
+def test_billing_example_is_valid() -> None:
+    text = BILLING_EVENT.read_text()
+    block = re.search(r"```json\n(.*?)```", text, re.DOTALL)
+    assert block is not None
+    jsonschema.Draft202012Validator(billing_schema()).validate(json.loads(block.group(1)))
+
+
+def test_events_from_a_real_gateway_validate(live: Live) -> None:
+    # Until the gateway makes its own `evt_` event ids and puts the client's x-request-id in
+    # `data.request_id`, this fails on exactly those two points: the schema describes that shape.
+    validator = jsonschema.Draft202012Validator(billing_schema(), format_checker=jsonschema.FormatChecker())
+    for event in live.events:
+        errors = sorted(validator.iter_errors(event), key=lambda e: list(e.absolute_path))
+        assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors)
+
+
+def test_event_id_is_the_gateway_s_and_request_id_the_client_s(live: Live) -> None:
+    # REQUEST_ID / evt_: the event id is made by the gateway, unique per request, never the client's
+    # x-request-id; that one is `data.request_id`.
+    request_ids = [event["data"].get("request_id") for event in live.events]
+    assert sorted(request_ids, key=str) == sorted(f"ref-{name}" for name in BILLED)
+    ids = [event["id"] for event in live.events]
+    assert all(i.startswith("evt_") for i in ids), ids
+    assert len(set(ids)) == len(ids)
+
+
+def test_one_event_per_request_that_reached_a_backend(live: Live) -> None:
+    events = live.events
+    assert len(events) == len(BILLED)
+    data = [event["data"] for event in events]
+    assert Counter(d["endpoint"] for d in data) == {"chat": len(BILLED) - 2, "completions": 1, "embeddings": 1}
+    assert {d["tenant"] for d in data} == {event["subject"] for event in events} == {"acme"}
+    statuses = Counter((d["status"], d["partial"]) for d in data)
+    # The upstream 500 (answered 502), the stream the backend cut (502, partial), the client that left.
+    assert statuses[(502, False)] == 1 and statuses[(502, True)] == 1 and statuses[(499, True)] == 1
+    assert statuses[(200, False)] == len(BILLED) - 3
+    assert [d["fallback_reason"] for d in data if d["fallback_from"] == "down"] == ["unavailable"]
+    assert any(d["cached_tokens"] for d in data)
+    assert all((d["timings"]["ttft_ms"] is None) != d["stream"] for d in data if d["status"] == 200)
+    assert all(d["cost"] > 0 for d in data if d["model"] == "chat" and d["status"] == 200)
 
 
 # --- links -----------------------------------------------------------------------------------------------
