@@ -59,29 +59,30 @@ BILLING_SCHEMA = REFERENCE / "billing-event.schema.json"
 @dataclass
 class Section:
     heading: str
-    level: int
-    rows: list[list[str]]  # the table rows under the heading (header and rule lines left out)
+    rows: list[list[str]]  # the rows of the tables under the heading, without their header rows
     text: str
 
 
 def sections(path: Path) -> list[Section]:
     found: list[Section] = []
-    current = Section("", 1, [], "")
+    current = Section("", [], "")
     in_code = False
     for line in path.read_text().splitlines():
         if line.startswith("```"):
             in_code = not in_code
-        heading = None if in_code else re.match(r"^(#+) (.+)$", line)
+        heading = None if in_code else re.match(r"^#+ (.+)$", line)
         if heading:
             found.append(current)
-            current = Section(heading.group(2).strip(), len(heading.group(1)), [], "")
+            current = Section(heading.group(1).strip(), [], "")
             continue
         current.text += line + "\n"
-        if not in_code and line.startswith("|") and not re.match(r"^\|[-| ]+\|$", line):
+        if in_code or not line.startswith("|"):
+            continue
+        if re.match(r"^\|[-:| ]+\|$", line):
+            current.rows.pop()  # the line above the rule is the table's header
+        else:
             current.rows.append(split_row(line))
     found.append(current)
-    for section in found:
-        section.rows = section.rows[1:]  # the header row
     return found
 
 
@@ -120,11 +121,19 @@ def nested_model(annotation: Any) -> tuple[type[BaseModel], bool] | None:
     return None
 
 
+def mentions_model(annotation: Any) -> bool:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return any(mentions_model(arg) for arg in typing.get_args(annotation))
+
+
 def model_paths(model: type[BaseModel] = Settings, path: str = "") -> dict[str, type[BaseModel]]:
     """Every section of the configuration, by its path as the page writes it (`tenants[].keys[].limits`)."""
     found = {path: model}
     for name, info in model.model_fields.items():
         nested = nested_model(info.annotation)
+        # A model inside a type this walk does not know (a mapping of models, say) must not go unchecked.
+        assert nested is not None or not mentions_model(info.annotation), f"{path}.{name}: teach model_paths"
         if nested is not None:
             child, is_list = nested
             child_path = (f"{path}.{name}" if path else name) + ("[]" if is_list else "")
