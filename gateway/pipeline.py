@@ -243,6 +243,7 @@ class InferenceHandler:
             placement.model.upstream_name,
             salts=self._salts if salted else None,
             scope=placement.principal.cache_scope(),
+            inject=placement.inject,
         )
 
     def _failed_to_answer(self, placement: Placement, exc: httpclient.UpstreamError) -> _Failover:
@@ -283,12 +284,18 @@ class InferenceHandler:
             record.processed = False
             raise self._error_answer(backend, status, data)
         swap_from, swap_to = _model_swap(model)
-        if swap_from is not None and swap_to is not None:
+        responses = request.endpoint == "responses"
+        if swap_from is not None and swap_to is not None and not responses:
+            # OpenAI's chat and completions objects put `model` before anything the client wrote.
             data = data.replace(swap_from, swap_to, 1)
         with contextlib.suppress(orjson.JSONDecodeError):
             parsed = orjson.loads(data)
             record.engine_usage = usage_from(parsed)
-            record.finish_reason = _first_finish_reason(parsed)
+            record.finish_reason = _finish_reason(parsed)
+            if responses and swap_from is not None and isinstance(parsed, dict):
+                # A response object carries the client's `metadata` before its `model`: swap the field itself.
+                parsed["model"] = model.name
+                data = orjson.dumps(parsed)
         record.status = status
         await send_response(send, status, data, [(b"x-request-id", record.request_id.encode()), *placement.headers()])
 
@@ -347,7 +354,7 @@ class InferenceHandler:
             if record.processed:
                 error = ServiceUnavailableError("The gateway is shutting down; the answer is incomplete.")
                 with contextlib.suppress(Exception):
-                    await send({"type": "http.response.body", "body": b"data: " + error.body() + b"\n\n"})
+                    await send({"type": "http.response.body", "body": relay.error_event(error)})
             self._stream_figures(record, relay, 503, partial=True)
             raise
         if client_gone:
@@ -471,13 +478,22 @@ class InferenceHandler:
 
 
 def rewrite(
-    request: ParsedRequest, principal: Principal, upstream_model: str, *, salts: SaltDeriver | None, scope: str | None
+    request: ParsedRequest,
+    principal: Principal,
+    upstream_model: str,
+    *,
+    salts: SaltDeriver | None,
+    scope: str | None,
+    inject: dict[str, int] | None = None,
 ) -> bytes:
     """The body the backend gets: the upstream model name, our `cache_salt` (for a backend that enforces salts,
     `salts` given, and a tenant that is not in the global scope) in place of the client's, usage asked for on
-    streams, `user` per the tenant's policy; every other field as the client sent it."""
+    streams, `user` per the tenant's policy, the output limit admission reserved when the client set none
+    (`inject`); every other field as the client sent it."""
     body = request.body
     body["model"] = upstream_model
+    if inject:
+        body.update(inject)
     # The client's own salt is never forwarded as is: it could name another tenant's scope.
     body.pop("cache_salt", None)
     if salts is not None and scope is not None:
@@ -502,12 +518,20 @@ def _model_swap(model: ModelConfig) -> tuple[bytes | None, bytes | None]:
     return b'"model":' + orjson.dumps(model.upstream_name), b'"model":' + orjson.dumps(model.name)
 
 
-def _first_finish_reason(obj: object) -> str | None:
-    if isinstance(obj, dict):
-        choices = obj.get("choices")
-        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-            reason = choices[0].get("finish_reason")
-            return reason if isinstance(reason, str) else None
+def _finish_reason(obj: object) -> str | None:
+    """The first choice's finish reason; for a Responses API object, why it is incomplete, else its status."""
+    if not isinstance(obj, dict):
+        return None
+    choices = obj.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        reason = choices[0].get("finish_reason")
+        return reason if isinstance(reason, str) else None
+    if obj.get("object") == "response":
+        details = obj.get("incomplete_details")
+        if isinstance(details, dict) and isinstance(details.get("reason"), str):
+            return str(details["reason"])[:40]
+        status = obj.get("status")
+        return status[:40] if isinstance(status, str) else None
     return None
 
 

@@ -214,7 +214,7 @@ def test_the_commands_printed_and_in_the_readme_work_against_the_demo(start_demo
 
     for command in banner.shell[1:]:
         run(command)
-    assert "7.0" in run("gateway tenants list")
+    assert re.search(r"^team-a +Team A +7(\.0)? ", run("gateway tenants list"), re.M)  # the weight the banner set
 
     readme = _readme_commands()
     assert any(c.startswith("curl ") for c in readme) and any(c.startswith("gateway tenants create") for c in readme)
@@ -237,12 +237,12 @@ def test_load_shows_shares_by_weight_and_429s_for_the_limited_tenant(start_demo:
     out = demo.wait_for("Load done", timeout=120)
     assert re.search(r"^\[ *\d+s\] team-a .*req/s .*share .*entitled to 75%", out, re.M)
     summary = out[out.index("Load done") :]
-    assert re.search(r"team-b .*429s: \d+ \(.*rpm \d+", summary)
+    assert re.search(r"team-b .*429s: \d+ \(.*queue_full \d+", summary)
     assert re.search(r"team-a .*429s: none", summary)
 
     stats = httpx.get(banner.url + "/admin/stats", headers={"Authorization": f"Bearer {banner.admin_key}"}).json()
     tenants = {t["id"]: t for t in stats["tenants"]}
-    assert tenants["team-b"]["rejections"].get("rpm", 0) > 0
+    assert tenants["team-b"]["rejections"].get("queue_full", 0) > 0
     assert not tenants["team-a"]["rejections"]
 
     def service(tenant: str) -> int:

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.admission.demand import resolve_demand
 from gateway.admission.limits import (
     Decision,
     Permit,
@@ -46,7 +47,7 @@ from gateway.admission.limits import (
     Reservation,
     Scope,
 )
-from gateway.admission.tokens import ByteCounter, TokenCounter, prompt_tokens
+from gateway.admission.tokens import ByteCounter, TokenCounter
 from gateway.asgi import ClientDisconnected, Receive
 from gateway.config import ModelConfig, Settings
 from gateway.errors import QuotaExceededError, RateLimitError
@@ -153,6 +154,8 @@ class Placement:
     fallback_from: str | None = None
     fallback_reason: str | None = None
     queue_wait_s: float = 0.0
+    # Fields written into the request so the engine stops where admission reserved (see admission.demand).
+    inject: dict[str, int] | None = None
     _ask: PlaceAsk | None = None
     _reservation: Reservation | None = None
     _permit: Permit | None = None
@@ -390,7 +393,8 @@ class Admission:
         scope_salt: str,
         deadline: float | None,
     ) -> Placement:
-        prompt_estimate, output_estimate = self.estimate(request)
+        demand = resolve_demand(request, model, self._settings.limits, self._tokens)
+        prompt_estimate, output_estimate = demand.prompt_tokens, demand.output_tokens
         label = self._metrics.tenant_label(principal.tenant_id)
         backends = self._backends
         assert backends is not None, "Admission.reconfigure() wires the backends in before any request"
@@ -400,6 +404,7 @@ class Admission:
             principal, model, candidates[0].backend, candidates[0].endpoints[0], prompt_estimate, output_estimate, []
         )
         placement._scope_salt = scope_salt
+        placement.inject = demand.inject
         spill = tenant.on_limit.get("queue") == "fallback"
         offered = candidates if spill else candidates[:1]
         first_backend = candidates[0].backend
@@ -572,11 +577,6 @@ class Admission:
         """A permit nobody will use: back to its pool, its charge refunded."""
         release = Release(permit, ask.tenant, ask.weight, ask.band, ask.cost, 0.0, ask.load_factor)
         await self._settle_quotas(None, 0, 0.0, release)
-
-    def estimate(self, request: ParsedRequest) -> tuple[int, int]:
-        prompt = prompt_tokens(request.endpoint, request.body, self._tokens)
-        output = request.max_tokens if request.max_tokens is not None else self._settings.limits.default_max_tokens
-        return prompt, output
 
     async def _quota_admit(
         self,

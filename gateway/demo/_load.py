@@ -43,8 +43,8 @@ async def run_load(base_url: str, keys: dict[str, str], admin_key: str, seconds:
         f"\nLoad for {seconds:g} s: {STEADY.id} keeps {STEADY_IN_FLIGHT} requests open, {NOISY.id} sends "
         f"{NOISY_RATE:g} a second, and the engine runs {SIM_CONCURRENCY} at a time.\n"
         f"Expect the gateway's fair queue to serve them by weight ({STEADY.weight}:{NOISY.weight}), and {NOISY.id} "
-        f"to get 429s: at once when its queue is full,\nand from about {_rpm_spent_after_s():.0f} s on, when its "
-        "rpm is spent. "
+        "to get 429s when its queue is full (a refusal reserves nothing, so its rpm is spent only by what it is\n"
+        "served). "
         f"The console draws the same: {base_url}/console/ (the Fairness page).\n",
         flush=True,
     )
@@ -65,12 +65,6 @@ async def run_load(base_url: str, keys: dict[str, str], admin_key: str, seconds:
             await asyncio.gather(*workers, return_exceptions=True)
         last = await stats.read()
     print(_total(first, last, time.monotonic() - started, failures), flush=True)
-
-
-def _rpm_spent_after_s() -> float:
-    """When the noisy tenant has used up a minute's worth of requests (its bucket starts full)."""
-    rpm = NOISY.limits["rpm"]
-    return rpm / (NOISY_RATE - rpm / 60)
 
 
 def _body(tenant: str) -> dict[str, Any]:

@@ -8,8 +8,8 @@ engine serves about 8 requests a second in all. Under `--load`:
 - team-a (weight 3) keeps `STEADY_IN_FLIGHT` requests open: always waiting, entitled to 3/4 (~6/s);
 - team-b (weight 1) sends `NOISY_RATE` requests a second whatever the answers: entitled to 1/4 (~2/s).
   Its rpm (3/s) admits more than that share, so it stays backlogged and the shares follow the weights;
-  what its queue cannot hold is refused at once (429 `queue_full`), and once a minute's worth of
-  requests is spent (after about 15 s) the rpm limit refuses the rest (429 `rpm`).
+  what its queue cannot hold is refused at once (429 `queue_full`). A refusal reserves nothing, so its rpm
+  is spent only by what it is served; `gateway tenants update team-b --rpm 60` shows rpm 429s as well.
 
 The tenants are created over the admin API, not declared in the config, so `gateway tenants update`
 and the console can change them while the demo runs.

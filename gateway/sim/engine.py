@@ -98,6 +98,10 @@ class Engine:
             for i in range(job.max_tokens):
                 if i and itl > 0:
                     await self._sleep(itl)
+                elif i % 256 == 255:
+                    # With no inter-token latency, still let the event loop run now and then: a long stream
+                    # must not starve the health checks and the other requests.
+                    await self._sleep(0)
                 await on_token(i)
             return admission.usage
         finally:
