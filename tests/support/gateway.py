@@ -54,7 +54,7 @@ def start_gateway(
     proc.start()
     if wait:
         try:
-            wait_http(f"http://127.0.0.1:{port}/readyz", timeout=20, proc=proc.popen)
+            wait_http(f"http://127.0.0.1:{port}/readyz", timeout=60, proc=proc.popen)
         except Exception:
             proc.kill()
             raise RuntimeError("gateway did not become ready:\n" + proc.output()) from None

@@ -33,6 +33,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import ModuleType, TracebackType
 from typing import Any
 
+import aiohttp
+import httpx
 import orjson
 
 from gateway.config import BackendConfig
@@ -299,8 +301,27 @@ class LitellmPool:
         name = type(exc).__name__
         if name in ("Timeout", "APIConnectionError") or not isinstance(status, int) or status < 400:
             raise _connection_error(exc) from None
+        transport = _transport_failure(exc)
+        if transport is not None:
+            # litellm reports some providers' refused connections as a 500 (Anthropic's, for one): it is a
+            # failure to answer, for fallbacks and the circuit breaker alike, not an answer.
+            raise transport from None
         log.info("provider %s refused a request: %s %s", self._model, status, name)
         return _error(status, _provider_message(exc, self._api_base), _error_type(status))
+
+
+def _transport_failure(exc: BaseException) -> httpclient.UpstreamError | None:
+    """The connection failure or timeout behind a litellm error, if there is one in its chain of causes."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen and len(seen) < 16:
+        seen.add(id(cause))
+        if isinstance(cause, httpx.TimeoutException | TimeoutError | aiohttp.ServerTimeoutError):
+            return httpclient.ReadTimeout(f"the provider did not answer in time: {type(cause).__name__}")
+        if isinstance(cause, httpx.TransportError | aiohttp.ClientConnectionError | ConnectionError):
+            return httpclient.ConnectError(f"the provider could not be reached: {type(cause).__name__}")
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _connection_error(exc: BaseException) -> httpclient.UpstreamError:
