@@ -1,4 +1,6 @@
-"""Typed, frozen settings: the YAML file of SPEC section 2, `GATEWAY_*` overrides, secrets from the environment.
+"""Typed, frozen settings: the YAML file, `GATEWAY_*` overrides, secrets from the environment.
+
+Every field, its default and its meaning: docs/reference/configuration.md.
 
 Settings are read once at the entry point (`load_settings`) and passed down; nothing reads the environment
 later. A bad file raises `ConfigError` whose message names the field (`backends[0].kind: ...`).
@@ -58,7 +60,7 @@ class LimitsConfig(_Frozen):
     client_body_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     keep_alive_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
-    # Prompt token estimates for admission (gateway/tokens.py): `bytes` (UTF-8 bytes / 4), `tiktoken`
+    # Prompt token estimates for admission (gateway/admission/tokens.py): `bytes` (UTF-8 bytes / 4), `tiktoken`
     # (cl100k_base as shipped in the `providers` extra), or `auto`: tiktoken iff a litellm backend exists.
     tokenizer: Literal["auto", "bytes", "tiktoken"] = "auto"
 

@@ -46,7 +46,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_spec_example_loads(tmp_path: Path) -> None:
+def test_a_complete_configuration_loads(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, GOOD), env={"ACME_CI_KEY": "sk-gw-x", "GATEWAY_ADMIN_KEY": "adm"})
     assert settings.listen.port == 8080
     assert settings.models[0].upstream_name == "meta-llama/Llama-3.1-8B-Instruct"
