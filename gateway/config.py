@@ -277,7 +277,8 @@ class Settings(_Frozen):
     redis_failure_mode: Literal["local", "open", "closed"] = "local"
     # How many replicas share the limits (for the `local` failure mode's share).
     replicas: int = Field(default=1, ge=1, le=10_000)
-    # Worker processes of this replica (`gateway serve --workers N`); each gets capacity / workers.
+    # Worker processes of this replica (`gateway serve --workers N`). With Redis they share every fair queue
+    # as replicas do; without it each runs its own, with 1 / workers of every engine's limit.
     workers: int = Field(default=1, ge=1, le=256)
     # Concurrency leases expire after this unless renewed, so a crashed replica's slots come back.
     lease_ttl_s: float = Field(default=30.0, gt=1, le=3600)
