@@ -79,7 +79,7 @@ class _WorkerConfig(uvicorn.Config):
     """The config of `--workers N`, which every worker process receives (pickled) and loads. Loading it, a
     worker reads the settings itself, from the same file and environment as the supervisor (and again when
     a SIGHUP restarts it), and builds both its app and its HTTP protocol's limits from that one reading;
-    its fair queues take capacity / N of every backend (`GATEWAY_WORKERS`)."""
+    without Redis, its own fair queues take 1 / N of every engine's limit (`GATEWAY_WORKERS`)."""
 
     def load(self) -> None:
         settings = load_settings(os.environ.get("GATEWAY_CONFIG"))
