@@ -269,7 +269,7 @@ class GatewayApp:
                 log.info("Redis is back: rate limits are shared again")
 
         metrics.redis_degraded.labels(mode).set(0)
-        # The admission path's own client (two scripts per request): pipelined, see gateway/limits/_resp.py.
+        # The admission path's own client (two scripts per request): pipelined, see gateway/wire/resp.py.
         client = PipelinedRedis.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
         replica = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         store = FailoverQuotaStore(

@@ -1,4 +1,6 @@
-"""Typed, frozen settings: the YAML file of SPEC section 2, `GATEWAY_*` overrides, secrets from the environment.
+"""Typed, frozen settings: the YAML file, `GATEWAY_*` overrides, secrets from the environment.
+
+Every field, its default and its meaning: docs/reference/configuration.md.
 
 Settings are read once at the entry point (`load_settings`) and passed down; nothing reads the environment
 later. A bad file raises `ConfigError` whose message names the field (`backends[0].kind: ...`).
@@ -58,7 +60,7 @@ class LimitsConfig(_Frozen):
     client_body_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     keep_alive_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
-    # Prompt token estimates for admission (gateway/tokens.py): `bytes` (UTF-8 bytes / 4), `tiktoken`
+    # Prompt token estimates for admission (gateway/admission/tokens.py): `bytes` (UTF-8 bytes / 4), `tiktoken`
     # (cl100k_base as shipped in the `providers` extra), or `auto`: tiktoken iff a litellm backend exists.
     tokenizer: Literal["auto", "bytes", "tiktoken"] = "auto"
 
@@ -275,7 +277,8 @@ class Settings(_Frozen):
     redis_failure_mode: Literal["local", "open", "closed"] = "local"
     # How many replicas share the limits (for the `local` failure mode's share).
     replicas: int = Field(default=1, ge=1, le=10_000)
-    # Worker processes of this replica (`gateway serve --workers N`); each gets capacity / workers.
+    # Worker processes of this replica (`gateway serve --workers N`). With Redis they share every fair queue
+    # as replicas do; without it each runs its own, with 1 / workers of every engine's limit.
     workers: int = Field(default=1, ge=1, le=256)
     # Concurrency leases expire after this unless renewed, so a crashed replica's slots come back.
     lease_ttl_s: float = Field(default=30.0, gt=1, le=3600)

@@ -79,7 +79,7 @@ class _WorkerConfig(uvicorn.Config):
     """The config of `--workers N`, which every worker process receives (pickled) and loads. Loading it, a
     worker reads the settings itself, from the same file and environment as the supervisor (and again when
     a SIGHUP restarts it), and builds both its app and its HTTP protocol's limits from that one reading;
-    its fair queues take capacity / N of every backend (`GATEWAY_WORKERS`)."""
+    without Redis, its own fair queues take 1 / N of every engine's limit (`GATEWAY_WORKERS`)."""
 
     def load(self) -> None:
         settings = load_settings(os.environ.get("GATEWAY_CONFIG"))
@@ -150,8 +150,8 @@ class _Workers(Multiprocess):
 def run(settings: Settings, config_path: str | None, host: str, port: int, workers: int) -> int:
     configure_logging(settings.log_level)
     if workers > 1:
-        # Each worker process loads the settings itself from the same file and environment, and takes
-        # capacity / workers of every backend for its fair queue.
+        # Each worker process loads the settings itself from the same file and environment. Without Redis,
+        # each runs its own fair queue with 1 / workers of every engine's limit (with Redis they share one).
         if config_path:
             os.environ["GATEWAY_CONFIG"] = os.path.abspath(config_path)
         os.environ["GATEWAY_LISTEN__HOST"] = host

@@ -12,12 +12,12 @@ Upstreams, each pinned to CPU 0 (``--server-cpu``):
   body read chunk by chunk as the gateway's relay does.
 
 For each upstream, client (``httpclient``: ``Pool``; ``aiohttp``: a ``ClientSession`` over
-``TCPConnector(limit=0)`` used exactly as gateway/proxy.py does, with a ``ClientTimeout(connect, sock_read)``)
-and concurrency (1, 4, 64 tasks in a closed loop), a fresh process pinned to CPU 1 (``--client-cpu``) runs
-uvloop, warms up for 0.5 s (so the pool grows to the concurrency), then measures for ``--seconds``:
-requests per second (wall clock) and CPU microseconds per request (the process's user + system time).
-Each cell is run ``--repeat`` times and the run with the least CPU per request is kept (other tenants of a
-shared machine only ever add to it). Prints a Markdown table; results also go to
+``TCPConnector(limit=0)`` used as the gateway used it before it had its own client, with a
+``ClientTimeout(connect, sock_read)``) and concurrency (1, 4, 64 tasks in a closed loop), a fresh process
+pinned to CPU 1 (``--client-cpu``) runs uvloop, warms up for 0.5 s (so the pool grows to the concurrency),
+then measures for ``--seconds``: requests per second (wall clock) and CPU microseconds per request (the
+process's user + system time). Each cell is run ``--repeat`` times and the run with the least CPU per request
+is kept (other tenants of a shared machine only ever add to it). Prints a Markdown table; results also go to
 loadtests/results/bench_httpclient-<time>.json.
 """
 
@@ -60,7 +60,7 @@ BODIES = {
     "sim": json.dumps(CHAT).encode(),
     "sim-stream": json.dumps({**CHAT, "stream": True, "stream_options": {"include_usage": True}}).encode(),
 }
-# What the gateway sends (gateway/upstream.py backend_headers).
+# What the gateway sends (gateway/upstream/relay.py backend_headers).
 HEADERS = {"content-type": "application/json", "x-request-id": "req_0123456789abcdef01234567"}
 CLIENTS = ("httpclient", "aiohttp")
 CONCURRENCY = (1, 4, 64)

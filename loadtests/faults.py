@@ -1,4 +1,4 @@
-"""Faults injected for real, with the billing record counted before and after each one (issue 9): for every
+"""Faults injected for real, with the billing record counted before and after each one: for every
 request that reached a backend there must be exactly one usage event, whatever failed meanwhile.
 
     .venv/bin/python -m loadtests.faults --doc docs/SECURITY.md --doc docs/BENCHMARKS.md

@@ -1,4 +1,4 @@
-"""Soak run (issue 9, point 3): one gateway worker under a steady mixed load for a bounded time, its memory
+"""Soak run: one gateway worker under a steady mixed load for a bounded time, its memory
 and open file descriptors sampled throughout, and every request checked against the billing record.
 
     .venv/bin/python -m loadtests.soak --minutes 10

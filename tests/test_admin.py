@@ -1,4 +1,4 @@
-"""The admin API's first shapes (SPEC section 7): tenants and keys over HTTP, as an operator provisions them."""
+"""The admin API's basic shapes: tenants and keys over HTTP, as an operator provisions them."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def admin(gw: GatewayProc) -> dict[str, str]:
     return {"Authorization": f"Bearer {gw.admin_key}"}
 
 
-def test_spec_shapes(gw: GatewayProc) -> None:
+def test_a_tenant_and_its_key_are_provisioned(gw: GatewayProc) -> None:
     body = {
         "id": "acme",
         "weight": 2,

@@ -1,4 +1,4 @@
-"""The client API of SPEC section 3, end to end: the official `openai` SDK -> gateway (a real process on
+"""The OpenAI-compatible client API, end to end: the official `openai` SDK -> gateway (a real process on
 loopback) -> the simulator (a real process). Nothing is mocked."""
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def test_unknown_fields_pass_through(client: openai.OpenAI, sim: SimHandle) -> N
     assert forwarded["guided_choice"] == ["a", "b"]
 
 
-# --- every error row of SPEC section 3 ----------------------------------------------------------------
+# --- every client-API error, in OpenAI's shape ------------------------------------------------------
 
 
 def error_of(resp: httpx.Response) -> dict[str, Any]:

@@ -46,7 +46,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_spec_example_loads(tmp_path: Path) -> None:
+def test_a_complete_configuration_loads(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, GOOD), env={"ACME_CI_KEY": "sk-gw-x", "GATEWAY_ADMIN_KEY": "adm"})
     assert settings.listen.port == 8080
     assert settings.models[0].upstream_name == "meta-llama/Llama-3.1-8B-Instruct"
@@ -121,9 +121,48 @@ def test_provider_backends_and_fallback_policy(tmp_path: Path) -> None:
     assert "sk-ant-x" not in repr(settings)
 
 
+EXAMPLE = Path(__file__).parents[1] / "config" / "gateway.yaml"
+
+
 def test_the_example_config_loads() -> None:
-    settings = load_settings(Path(__file__).parents[1] / "config" / "gateway.yaml", env={"ACME_CI_KEY": "k"})
+    settings = load_settings(EXAMPLE, env={"ACME_CI_KEY": "k"})
     assert settings.limits.tokenizer == "auto"
+
+
+def commented_backends(text: str) -> list[str]:
+    """The backends the example shows commented out (`  # - name: ...` and its `  #   ...` lines), uncommented."""
+    blocks: list[list[str]] = []
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("  # - "):
+            current = ["  - " + line.removeprefix("  # - ")]
+            blocks.append(current)
+        elif current is not None and line.startswith("  #   "):
+            current.append("    " + line.removeprefix("  #   "))
+        else:
+            current = None
+    return ["\n".join(block) for block in blocks]
+
+
+def test_the_example_config_s_commented_backends_load(tmp_path: Path) -> None:
+    """What the example shows commented out is valid too: the pool by `endpoints`, the same pool by
+    `discovery` (its alternative line), and the hosted provider."""
+    text = EXAMPLE.read_text()
+    blocks = commented_backends(text)
+    (pool,) = [b for b in blocks if "endpoints:" in b]
+    by_dns = "\n".join(
+        line.replace("# discovery:", "discovery:") for line in pool.splitlines() if "endpoints:" not in line
+    )
+    assert "discovery:" in by_dns and len(blocks) >= 2
+    env = {"ACME_CI_KEY": "k", "ANTHROPIC_API_KEY": "sk-ant-x"}
+    loaded = []
+    for block in [*blocks, by_dns]:
+        path = tmp_path / "gateway.yaml"
+        path.write_text(text.replace("\nmodels:", "\n" + block + "\nmodels:", 1))
+        loaded.append(load_settings(path, env=env).backends[-1])
+    pools = [b for b in loaded if b.kind == "vllm"]
+    assert [len(b.endpoints) for b in pools] == [2, 0] and pools[1].discovery is not None
+    assert all(b.routing.affinity == "scope" for b in pools)
 
 
 def test_missing_key_env_is_named(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Faults caused for real (SPEC section 11): a backend that hangs, and a replica SIGKILLed while it holds
+"""Faults caused for real: a backend that hangs, and a replica SIGKILLed while it holds
 concurrency leases. Each test checks that what the failed request held (its fair-queue slot, its
 concurrency lease in Redis) comes back, so the next request is served."""
 

@@ -1,4 +1,5 @@
-"""Prefix-cache isolation (SPEC section 5), demonstrated rather than assumed.
+"""Prefix-cache isolation (a `cache_salt` per cache scope, README "Cache isolation"), demonstrated rather than
+assumed.
 
 Exact `cached_tokens` across scopes, two tenants with the same client salt, the four scopes, the salt
 probe with fail-closed routing against an old vLLM, and a timing audit in the style of Gu et al. 2025.

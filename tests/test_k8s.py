@@ -20,11 +20,12 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
-from gateway.config import load_settings
+from gateway.config import BackendConfig, Settings, load_settings
 from tests.support.procs import Proc, free_port, python_cmd, wait_http
 from tests.support.redis_server import RedisServer
 
@@ -247,6 +248,14 @@ def gateway_container(deployment: Doc) -> dict[str, Any]:
 def gateway_yaml(docs: list[Doc]) -> str:
     text: str = find(docs, "ConfigMap", "gateway-config")["data"]["gateway.yaml"]
     return text
+
+
+def backend_ports(backend: BackendConfig) -> list[int]:
+    """The ports the gateway connects to for a backend: its URL's, each listed endpoint's, or its DNS pool's."""
+    if backend.discovery is not None:
+        return [backend.discovery.port]
+    urls = [backend.url] if backend.url is not None else list(backend.endpoints)
+    return [urlsplit(url).port or (443 if url.startswith("https:") else 80) for url in urls]
 
 
 def template_secret() -> Doc:
@@ -631,7 +640,49 @@ def test_gateway_config_loads_with_the_pods_environment(
         assert redis_env["valueFrom"]["secretKeyRef"]["key"] == "GATEWAY_REDIS_URL"
         assert not redis_env["valueFrom"]["secretKeyRef"].get("optional", False)
     for backend in settings.backends:
-        assert backend.kind != "vllm" or backend.url.endswith(":8000"), "the port the model-server policy opens"
+        if backend.kind == "vllm":
+            assert set(backend_ports(backend)) == {8000}, "the port the model-server policy opens"
+
+
+def _loaded(docs: list[Doc], tmp_path: Path) -> Settings:
+    """The ConfigMap's gateway.yaml as the dev pod's environment loads it."""
+    container = gateway_container(find(docs, "Deployment", "gateway"))
+    config = tmp_path / "gateway.yaml"
+    config.write_text(gateway_yaml(docs))
+    return load_settings(config, container_env(container, template_secret()))
+
+
+def _selects_pods(service: Doc, labels: dict[str, str]) -> bool:
+    selector = service["spec"].get("selector")
+    return bool(selector) and selects({"matchLabels": selector}, labels)
+
+
+def test_dev_model_servers_are_a_pool_the_gateway_discovers(rendered: dict[str, list[Doc]], tmp_path: Path) -> None:
+    """Several simulated engines behind a headless Service, and the gateway's backend finding each of them
+    through DNS: a ClusterIP Service would resolve to one virtual IP, one engine to the gateway."""
+    docs = rendered["dev"]
+    settings = _loaded(docs, tmp_path)
+    servers = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] != "gateway"]
+    assert servers, "the dev overlay runs model servers"
+    for deployment in servers:
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert labels.get("app.kubernetes.io/component") == "model-server"
+        assert deployment["spec"]["replicas"] >= 2, "several engines, so the pool has more than one member"
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        (port,) = [p for p in container["ports"] if p["name"] == "http"]
+        (service,) = [s for s in docs if s["kind"] == "Service" and _selects_pods(s, labels)]
+        assert service["spec"].get("clusterIP") == "None", "headless: DNS answers every pod, not one virtual IP"
+        # The backend that serves from these engines finds them by the Service's name, on the pods' port.
+        (backend,) = [
+            b for b in settings.backends if b.discovery is not None and b.discovery.dns == service["metadata"]["name"]
+        ]
+        assert backend.discovery is not None and backend.discovery.port == port["containerPort"]
+        assert any(backend.name in m.backends for m in settings.models), "a model is served from the pool"
+        # `capacity` is the ceiling per engine; each engine's own metrics set the limit under it.
+        assert backend.capacity_mode == "auto"
+        args = container["args"]
+        if "--max-concurrency" in args:
+            assert backend.capacity >= int(args[args.index("--max-concurrency") + 1])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

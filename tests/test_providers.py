@@ -213,7 +213,7 @@ def test_non_stream_reaches_the_anthropic_api_and_is_billed_with_a_cost(
     assert sent["system"] in ("be brief", [{"type": "text", "text": "be brief"}])
     assert sent["max_tokens"] == 5 and sent["temperature"] == 0.5
     assert sent["top_k"] == 3  # a provider sampling parameter travels on
-    assert "cache_salt" not in sent  # no salt for a hosted provider (SPEC section 5)
+    assert "cache_salt" not in sent  # no salt for a hosted provider: it does not take one
 
     event = events.get(raw.headers["x-request-id"])
     per_in, per_out = bundled_price(PROVIDER_MODEL)
@@ -302,7 +302,7 @@ def test_client_disconnect_mid_stream_stops_the_provider_stream(
     assert 0 < event["completion_tokens"] < 1500
 
 
-# -- provider errors onto SPEC section 3 ---------------------------------------------------------------------
+# -- provider errors onto the gateway's own errors ---------------------------------------------------------
 
 
 def test_a_rejected_provider_key_is_a_generic_502(client: openai.OpenAI, sim: SimHandle) -> None:

@@ -1,4 +1,5 @@
-"""Cache salts: the SPEC section 5 formula, vLLM-safe characters, and scopes that cannot be forged."""
+"""Cache salts: base64url(HMAC-SHA256(secret, "v1:" + scope)), vLLM-safe characters, and scopes that cannot
+be forged."""
 
 from __future__ import annotations
 

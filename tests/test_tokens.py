@@ -1,4 +1,4 @@
-"""Prompt token estimates (gateway/tokens.py): what text is counted, the two counters, and which one a
+"""Prompt token estimates (gateway/admission/tokens.py): what text is counted, the two counters, and which one a
 gateway picks. cl100k_base comes from the litellm package (the `providers` extra), never from the network."""
 
 from __future__ import annotations

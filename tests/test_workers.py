@@ -1,4 +1,4 @@
-"""`gateway serve --workers N`: each worker takes capacity / N of every backend, /metrics on any worker
+"""`gateway serve --workers N` without Redis: each worker takes capacity / N of every backend, /metrics on any worker
 reports all workers, billing stays one event per request, and a killed worker's in-flight gauges go."""
 
 from __future__ import annotations

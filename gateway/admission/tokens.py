@@ -1,4 +1,4 @@
-"""Prompt token estimates for admission: the tpm reservation and the fair queue's VTC charge (SPEC section 6).
+"""Prompt token estimates for admission: the tpm reservation and the fair queue's VTC charge.
 
 Only the text a model reads is counted (message contents, tool calls and definitions, prompts, inputs),
 not the JSON around it, plus a few tokens per chat message for the template's role markers. The estimate

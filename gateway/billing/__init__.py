@@ -1,7 +1,8 @@
-"""Billing (SPEC section 8): one CloudEvents 1.0 usage event per request that reached a backend, delivered at
-least once to every configured sink, with the request id as the event id so consumers can dedupe.
+"""Billing: one CloudEvents 1.0 usage event (docs/reference/billing-event.md) per request that reached a
+backend, delivered at least once to every configured sink, with the request id as the event id so consumers
+can dedupe.
 
-    proxy._record --emit()--> Billing --(id, json)--> Lane per sink: memory buffer --> Sink (jsonl | redis | webhook)
+    pipeline._close --emit()--> Billing --(id, json)--> Lane per sink: memory buffer --> Sink (jsonl | redis | webhook)
                                                                          |   ^
                                                        sink down/behind  v   |  replayed in order, then deleted
                                                                         Spool (fsync'd segment files)

@@ -1,4 +1,4 @@
-"""The usage event (CloudEvents 1.0 JSON, SPEC section 8) and the price of a request.
+"""The usage event (CloudEvents 1.0 JSON, docs/reference/billing-event.md) and the price of a request.
 
 An event travels as a `Record`: its id and its compact JSON, serialised once on the hot path and shared by
 every sink and the spool. The data never holds secrets (keys, salts): only ids, counts, cost and timings.

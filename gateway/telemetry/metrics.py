@@ -1,4 +1,4 @@
-"""Prometheus metrics (SPEC section 8): names prefixed `gateway_`, base units, counters end in `_total`.
+"""Prometheus metrics (docs/reference/metrics.md): names prefixed `gateway_`, base units, counters end in `_total`.
 
 One registry per app (no module-level collectors, so two apps in one process do not collide). Tenant
 labels are bounded: only tenants known to this gateway get their own label value, the rest are `other`.

@@ -58,7 +58,7 @@ class Tenant(_Frozen):
     models: tuple[str, ...] = ("*",)
     limits: Quotas = Quotas()
     budget: Budget | None = None
-    # tenant | group:<name> | global | key  (SPEC section 5)
+    # Who shares a prefix cache: tenant (alone) | group:<name> | global (everyone, no salt) | key (each key alone)
     cache_scope: str = "tenant"
     # A client's own cache_salt splits the tenant's scope instead of being dropped.
     allow_client_salt: bool = False

@@ -78,7 +78,7 @@ class UpstreamPool(Protocol):
 
 
 def error_from_backend(status: int, data: bytes) -> GatewayError:
-    """A backend's error answer as a gateway error (SPEC section 3).
+    """A backend's error answer as a gateway error, in OpenAI's error shape like every other error.
 
     4xx about the request keep the backend's message. A 5xx becomes a generic 502. A 401 or 403 is about the
     gateway's own credentials for that backend (a provider key), not the client's: a 502 that says nothing

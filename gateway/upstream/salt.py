@@ -1,4 +1,4 @@
-"""Prefix-cache salts (SPEC section 5): one per cache scope, never the client's own value.
+"""Prefix-cache salts: one per cache scope (a tenant, a group or a key), never the client's own value.
 
     salt = base64url_nopad(HMAC-SHA256(salt_secret, "v1:" + scope))          43 characters, 256 bits
 

@@ -16,7 +16,7 @@ What it does:
    - saturation: 1 thread, 64 connections, 10 s (after a 2 s warm-up that is discarded);
    - low load, closed loop: 4 connections, 5 s;
    - low load, paced: 4 connections each waiting 7 ms between requests (about 500 req/s, the rate at
-     which SPEC section 10 defines "added latency"), 5 s.
+     which the gateway's added-latency target is set, docs/BENCHMARKS.md), 5 s.
 
 4. Measures each client alone (client_bench.py: no server in front) at 1, 4 and 64 concurrent requests,
    and under cProfile the share of its CPU spent in its connection pool.
@@ -532,7 +532,7 @@ def render(results: dict[str, Any]) -> str:
         f"{s['connections']} connections for {s['duration']} s (saturation), {s['low_connections']} connections "
         f"for {s['low_duration']} s back to back (closed loop), and {s['low_connections']} connections each "
         f"pausing {s['paced_delay_ms']} ms between requests for {s['low_duration']} s (paced, about 500 req/s: "
-        "the rate at which SPEC section 10 defines added latency). The server under test is pinned to CPU "
+        "the rate at which the gateway's added-latency target is set). The server under test is pinned to CPU "
         f"{s['server_cpu']}; wrk, the upstream nginx and the harness to CPU {s['load_cpu']}. nginx direct is wrk "
         "against a second nginx pinned to the server CPU: the ceiling and the latency baseline. Server CPU is "
         "user + system time of the server process from /proc over the run; upstream connections come from the "
@@ -576,7 +576,7 @@ def render(results: dict[str, Any]) -> str:
         "",
         f"Closed loop: {s['low_connections']} connections back to back (this saturates the slower variants). "
         f"Paced: {s['low_connections']} connections pausing {s['paced_delay_ms']} ms between requests. "
-        "Added: the paced figure minus nginx direct's (SPEC section 10 budget for the whole gateway with every "
+        "Added: the paced figure minus nginx direct's (the target for the whole gateway with every "
         "feature on: p50 <= 0.5 ms, p99 <= 2 ms).",
         "",
         "| Variant | closed req/s | closed p50 ms | closed p99 ms | paced req/s | paced p50 ms | paced p99 ms "
@@ -686,12 +686,12 @@ def conclusion(results: dict[str, Any]) -> str:
     )
     if a50 <= 0.5 and a99 <= 2.0:
         latency += (
-            f"inside SPEC section 10's 0.5 ms / 2 ms budget for the whole gateway, leaving {0.5 - a50:.2f} ms at "
+            f"inside the 0.5 ms / 2 ms target for the whole gateway, leaving {0.5 - a50:.2f} ms at "
             "p50 for auth, rate limiting, queueing, metrics and billing."
         )
     else:
         latency += (
-            "over SPEC section 10's 0.5 ms / 2 ms budget for the whole gateway on this shared machine, though only "
+            "over the 0.5 ms / 2 ms target for the whole gateway on this shared machine, though only "
             f"{cpu_ms:.2f} ms per request is CPU time in the forwarder (the rest is off its CPU: the extra "
             "loopback hop, waiting for a core); "
             + (
@@ -705,17 +705,17 @@ def conclusion(results: dict[str, Any]) -> str:
     reaching = [t for t in variants if capacity(t) >= 4000]
     if not reaching:
         sentences.append(
-            "No variant has the capacity for SPEC section 10's 4,000 req/s per worker, even with no feature on."
+            "No variant has the capacity for the target of 4,000 req/s per worker, even with no feature on."
         )
     elif reaching == [best]:
         sentences.append(
-            f"It is the only combination with the capacity for SPEC section 10's 4,000 req/s per worker "
+            f"It is the only combination with the capacity for the target of 4,000 req/s per worker "
             f"({cap / 4000:.1f}x the target before any gateway feature runs); every other one misses it with no "
             "features at all."
         )
     else:
         sentences.append(
-            f"{len(reaching)} combinations have the capacity for SPEC section 10's 4,000 req/s per worker with no "
+            f"{len(reaching)} combinations have the capacity for the target of 4,000 req/s per worker with no "
             "feature on (" + ", ".join(t["label"] for t in reaching) + f"), the best {cap / 4000:.1f}x the target."
         )
     return " ".join(sentences)

@@ -1,6 +1,6 @@
 """Serving the console's static files under `/console/`: a fixed table of package files, strict headers.
 
-The files ship inside the package (`gateway/console/static/`) and are read once, on the first request, into
+The files ship inside the package (`gateway/admin/console/static/`) and are read once, on the first request, into
 a table keyed by their path. A request path is only ever a key into that table, never joined onto a
 directory, so no path (`..`, encoded slashes, NUL) can reach another file. Every answer carries a
 Content-Security-Policy that allows scripts, styles and requests to this origin only (no inline script, no

@@ -1,4 +1,4 @@
-"""`FailoverQuotaStore`: what admission does while Redis is down (SPEC 6, `redis_failure_mode`).
+"""`FailoverQuotaStore`: what admission does while Redis is down (`redis_failure_mode`).
 
     local   each replica enforces its share of every limit (limit / replicas) in process
     open    every request is admitted and nothing is counted

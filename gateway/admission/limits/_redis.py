@@ -1,7 +1,6 @@
 """`RedisQuotaStore`: the quota state shared by every replica, one Lua script evaluation per call.
 
-Keys, for tenant `acme` and scope `tenant:acme` (the `{acme}` hash tag puts all of a tenant's keys in
-one Redis Cluster slot, so a script may touch them together):
+Keys, for tenant `acme` and scope `tenant:acme` (each carries the `{acme}` hash tag):
 
     gw:{acme}:state:tenant:acme    hash  when the rpm/tpm buckets are full again (GCRA), in-flight sums
     gw:{acme}:leases:tenant:acme   zset  in-flight leases "<id>|<tokens>|<cost>" scored by expiry
@@ -13,14 +12,20 @@ under `gw:pool:{<backend>}:`, with `gw:replicas` (the live replicas) and `gw:gra
 granted to a replica's waiting requests, popped by its `GrantListener`). A request's quotas and its permit
 are decided by one script evaluation (admit.lua), and given back by one (settle.lua).
 
+So one call touches a tenant's keys, one or more pools' keys (named in ARGV, not KEYS) and `gw:replicas`
+and `gw:grants:*` together. Redis Cluster runs a script only on keys of one slot, declared in KEYS, so it
+refuses these calls whatever the hash tags say; and `PipelinedRedis` follows no MOVED or ASK redirection.
+Redis must be one standalone primary (a managed one with failover behind one address is fine):
+docs/OPERATIONS.md, "Scaling out with Redis", says what to do with Sentinel or Cluster.
+
 Every key has a TTL: state and leases until the buckets are full and the last lease ends, budgets until
 their period ends. Scripts (lua/*.lua) are sent by EVALSHA; a NOSCRIPT answer (first use, a restarted
 or failed-over server) loads them once and retries. Production uses the Redis server's clock (`TIME`),
 so replicas' clocks do not matter; `clock` exists for tests, which drive time exactly.
 
-The client is `PipelinedRedis` (`_resp.py`: one pipelined connection, a fraction of redis-py's asyncio
-client's cost per call) or any redis-py client. Errors of either become `QuotaBackendError` here, at once:
-this store never retries, so how fast a failure surfaces is the client's timeout. A call that fails or is
+The client is `PipelinedRedis` (gateway/wire/resp.py: one pipelined connection, a fraction of redis-py's
+asyncio client's cost per call) or any redis-py client. Errors of either become `QuotaBackendError` here,
+at once: this store never retries, so how fast a failure surfaces is the client's timeout. A call that fails or is
 cancelled after the script ran may have reserved: its leases expire after their TTL.
 """
 

@@ -1,8 +1,11 @@
 """The shared store for scale-out: tenants, keys, audit and metadata in Redis, plus change notifications.
 
-Every key shares the hash tag `{gw}` so that multi-key transactions (a tenant deleted with its keys) land
-on one Redis Cluster slot. Each change is published on one channel; every replica listens
-(`gateway.tenancy.propagation`) and drops what it cached, so a revocation is seen everywhere within milliseconds.
+Every key shares the hash tag `{gw}`, so a multi-key transaction (a tenant deleted with its keys) names one
+slot. That alone does not make Redis Cluster work: the quota and fair-queue scripts do not (see
+gateway/admission/limits/_redis.py), so Redis must be one standalone primary.
+
+Each change is published on one channel; every replica listens (`gateway.tenancy.propagation`) and drops
+what it cached, so a revocation is seen everywhere within milliseconds.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hosted providers through litellm (SPEC section 1: "hosted providers through litellm").
+"""Hosted providers (Anthropic, OpenAI, Bedrock, ...) as `kind: litellm` backends, through litellm.
 
     _offline.py   where litellm's package data lies, the settings that keep it off the network, the import
     _litellm.py   `LitellmPool`: a `kind: litellm` backend behind the `httpclient.Pool` interface

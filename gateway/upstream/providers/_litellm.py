@@ -10,19 +10,20 @@ So `gateway.pipeline` needs no branch of its own: it meters, relays and bills th
 
 Translation at the seam:
 
-- The request body is the OpenAI body the proxy rewrote. Only OpenAI's chat parameters (and `top_k`,
+- The request body is the OpenAI body the pipeline rewrote. Only OpenAI's chat parameters (and `top_k`,
   which Anthropic and Gemini take) become litellm arguments; other fields are dropped. This is the one
   exception to "unknown fields pass through": litellm reads its own settings from the same keyword
   arguments (`api_base`, `api_key`, `mock_response`, `aws_region_name`, `s3_endpoint_url`, ... over 300 of
   them), and several would let a tenant send the gateway's provider credentials anywhere.
 - litellm's exceptions become what the HTTP client would have produced: a timeout is `ReadTimeout`, a
-  connection failure `ConnectError` (before any answer byte, so the proxy may fall back to another
+  connection failure `ConnectError` (before any answer byte, so the pipeline may fall back to another
   backend), and an answer the provider refused is a `ProviderResponse` with the provider's status and an
   OpenAI error body whose message is the provider's own message, never litellm's text (which can name the
-  provider's URL). The proxy then maps statuses onto SPEC section 3's table as for every backend.
+  provider's URL). The pipeline then maps its status onto the gateway's own errors as for every backend
+  (`relay.error_from_backend`).
 - Only chat completions are served (streamed or not); the other endpoints answer 400.
 
-No retries here (`num_retries=0`): falling back to another backend is the proxy's decision.
+No retries here (`num_retries=0`): falling back to another backend is the pipeline's decision.
 """
 
 from __future__ import annotations
@@ -373,7 +374,7 @@ def _request_id(headers: Mapping[str, str] | Sequence[tuple[bytes, bytes]] | Non
 
 def _completion(obj: dict[str, Any], model: str) -> dict[str, Any]:
     """litellm's ModelResponse as OpenAI's chat.completion: litellm's extras removed, the requested name kept
-    (the proxy swaps it for the client's model name as it does for every backend)."""
+    (the pipeline swaps it for the client's model name as it does for every backend)."""
     obj["model"] = model
     obj.setdefault("object", "chat.completion")
     for choice in obj.get("choices") or ():
@@ -395,7 +396,7 @@ def _usage(raw: dict[str, Any]) -> dict[str, Any]:
 
 def _chunk_events(obj: dict[str, Any], model: str) -> tuple[list[bytes], dict[str, Any] | None]:
     """One litellm stream chunk as OpenAI SSE events, and its usage chunk if it carries usage. Usage is held
-    back and sent last, in a chunk of its own with no choices, as OpenAI and vLLM do (the proxy's relay
+    back and sent last, in a chunk of its own with no choices, as OpenAI and vLLM do (the pipeline's relay
     meters it and forwards it only if the client asked)."""
     obj["model"] = model
     raw = obj.pop("usage", None)

@@ -5,7 +5,8 @@
 --   KEYS[1]                  gw:{tenant}:expired   zset of leases that expired unsettled (see settle.lua)
 --   KEYS[3i-1], [3i], [3i+1] for scope i (1-based): the scope's state hash, lease zset and budget hash
 --   ARGV[1]                  '' to use the server clock (production), or a time in seconds (tests only)
--- Every key carries the tenant's {hash tag}, so Redis Cluster keeps all of them in one slot.
+-- Every key carries the tenant's {hash tag}. Redis is a standalone primary all the same: admit.lua and
+-- settle.lua also touch a pool's fair-queue keys (fairshare.lua), which live in another slot.
 
 -- A request may be admitted up to 1 microsecond early: `now` is a double near 1.8e9, whose rounding
 -- (~2.4e-7 s) must not turn "exactly at now + retry_after" into a refusal.
@@ -97,7 +98,7 @@ local function civil_from_days(z)
 end
 
 -- The UTC budget period containing `t` ('2026-11-23', '2026-W48' (ISO week), '2026-11') and the epoch
--- second at which it ends. Must agree with gateway/limits/_period.py.
+-- second at which it ends. Must agree with gateway/admission/limits/_period.py.
 local function period(kind, t)
   local days = math.floor(t / 86400)
   if kind == 'day' then

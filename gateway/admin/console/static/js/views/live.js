@@ -21,7 +21,7 @@ const REASON_LABELS = {
 };
 const PERIOD_WORDS = { day: "today", week: "this week", month: "this month" };
 
-/** Start of the budget period containing `now` (UTC), as gateway/limits/_period.py computes it. */
+/** Start of the budget period containing `now` (UTC), as gateway/admission/limits/_period.py computes it. */
 export function periodStart(period, now = new Date()) {
   const day = new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), now.getUTCDate()));
   if (period === "day") return day;
