@@ -44,7 +44,9 @@ def test_node_sdk(gw: GatewayProc) -> None:
     if not (NODE_DIR / "node_modules" / "openai").exists():
         subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--silent"], cwd=NODE_DIR, check=True, timeout=300)
     key = tenant_with_key(gw.url, gw.admin_key, "node")
-    limited = tenant_with_key(gw.url, gw.admin_key, "node-limited", limits={"rpm": 60})
+    # One request every 10 s: the SDK's first try is refused even if Node takes seconds to start on a busy
+    # machine, and its retry after the advertised delay (at most 10 s) passes.
+    limited = tenant_with_key(gw.url, gw.admin_key, "node-limited", limits={"rpm": 6})
     # Spend the limited key's burst so the SDK's first try is refused and it must retry.
     while True:
         resp = httpx.post(
@@ -53,11 +55,11 @@ def test_node_sdk(gw: GatewayProc) -> None:
             json={"model": "chat-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
         )
         if resp.status_code == 429:
-            if int(resp.headers["retry-after-ms"]) >= 700:
+            if int(resp.headers["retry-after-ms"]) >= 7000:
                 break
             time.sleep(int(resp.headers["retry-after-ms"]) / 1000)
     result = subprocess.run(
-        [node, "compat.mjs", gw.url + "/v1", key, limited], cwd=NODE_DIR, capture_output=True, text=True, timeout=60
+        [node, "compat.mjs", gw.url + "/v1", key, limited], cwd=NODE_DIR, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout.strip().splitlines()[-1])
