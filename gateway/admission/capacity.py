@@ -14,8 +14,9 @@ load, read every `capacity.interval_s`:
   `stale_s` count as saturated (GIE's saturation detector does the same): nothing more is sent until they
   are fresh again; after `stale_fallback_s` the endpoint is governed by latency instead.
 - Engines without those metrics (other OpenAI-compatible servers) get a latency-driven limit in the manner
-  of Netflix's Gradient2: the limit shrinks as the time a request holds its permit, per token generated,
-  rises above its long-run minimum, and grows by a small allowance while it does not.
+  of Netflix's Gradient2, starting from the configured `capacity`: the limit shrinks as the time a request
+  holds its permit, per token generated, rises above its long-run level, and grows back by a small
+  allowance while it does not.
 - `capacity_mode: fixed` backends, and hosted providers (`kind: litellm`), get their configured `capacity`.
 
 The configured `capacity` is always the ceiling, and 1 the floor. An endpoint that is down or ejected gets
@@ -188,15 +189,21 @@ class CapacityControl:
                 text = await resp.text()
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
             if control.metrics is None:
-                control.metrics = False
-                control.last_fresh = self._clock()
+                self._no_metrics(backend, control)
             return
         load = parse_engine_metrics(text, self._clock())
         if load is None:
-            control.metrics = False
-            control.last_fresh = self._clock()
+            self._no_metrics(backend, control)
             return
         control.metrics, control.load, control.last_fresh = True, load, load.at
+
+    def _no_metrics(self, backend: Backend, control: _Control) -> None:
+        """An engine without vLLM's metrics: latency governs it from the configured capacity down, so a
+        server that keeps its latency keeps what the operator gave it."""
+        if control.metrics is None and control.short_s is None:
+            control.limit = float(backend.config.capacity)
+        control.metrics = False
+        control.last_fresh = self._clock()
 
     def _limit(self, backend: Backend, endpoint: Endpoint, now: float) -> int:
         config = backend.config

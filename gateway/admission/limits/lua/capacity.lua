@@ -17,6 +17,9 @@ if #pairs_ > 0 then
   redis.call('HSET', p.limits, unpack(pairs_))
   expire(p.limits, tonumber(ARGV[6]), false)
 end
+for _, key in ipairs({p.load, p.vtc, p.last}) do
+  expire(key, FS_STATE_TTL_S, false)
+end
 fs_purge(p)
 local st = fs_state(p)
 fs_dispatch(p, st, ARGV[4], ARGV[5], '')

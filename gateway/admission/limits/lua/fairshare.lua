@@ -34,6 +34,7 @@ local function fs_keys(prefix)
   }
 end
 
+-- How long a pool's loads and counters outlive the last capacity update (a pool nobody serves any more).
 local FS_STATE_TTL_S = 86400
 
 -- Permits of crashed or stalled holders come back here: each carries its endpoint, whose load drops.
@@ -138,13 +139,11 @@ local function fs_grant(p, st, wid, ep, tenant, weight, band, cost, ttl)
   -- Every permit of a pool has the same TTL, so the newest one ends last.
   expire(p.permits, ttl, false)
   redis.call('HINCRBY', p.load, ep, 1)
-  expire(p.load, FS_STATE_TTL_S, false)
   st.eps[ep].load = st.eps[ep].load + 1
   st.load = st.load + 1
   local counter = tonumber(redis.call('HINCRBYFLOAT', p.vtc, tenant, cost / weight))
   redis.call('HSET', p.last, band, counter)
-  expire(p.vtc, FS_STATE_TTL_S, false)
-  expire(p.last, FS_STATE_TTL_S, false)
+  -- The loads, counters and last-dispatched hashes get their TTL from capacity.lua, every interval.
   return counter
 end
 
