@@ -144,7 +144,8 @@ class GatewayApp:
                 health_check_interval=10,
                 # A pooled connection that died with a Redis restart is replaced once, at once; a timeout
                 # is not retried, so no request waits on Redis longer than redis_timeout_s.
-                retry=Retry(NoBackoff(), 1),
+                # (Retry's own default would also retry timeouts: a frozen Redis then cost twice the timeout.)
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
                 retry_on_error=[RedisConnectionError],
             )
             redis_client = aioredis.Redis.from_pool(pool)

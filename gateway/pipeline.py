@@ -140,7 +140,6 @@ class InferenceHandler:
         ledger: UsageLedger,
         metrics: Metrics,
         tracing: Tracing,
-        redis_timeout_s: float,
     ) -> None:
         self._limits = limits
         self._models = models
@@ -154,7 +153,6 @@ class InferenceHandler:
         self._ledger = ledger
         self._metrics = metrics
         self._tracing = tracing
-        self._redis_timeout_s = redis_timeout_s
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: str, request_id: str) -> None:
         record = Record(request_id, endpoint, time.perf_counter())
@@ -179,10 +177,13 @@ class InferenceHandler:
                 await self._close(record)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, record: Record) -> None:
-        # One allowance for waiting on shared state (the key lookup and admission together): a frozen Redis
-        # costs a request at most redis_timeout_s before the failure mode answers.
-        deadline = asyncio.get_running_loop().time() + self._redis_timeout_s
-        principal = await self._auth.authenticate(authorization_header(scope["headers"]), deadline=deadline)
+        # One allowance for waiting on shared state, the key lookup and admission together: when the lookup
+        # already waited out the store's timeout (a frozen or unreachable Redis), admission goes straight to
+        # its failure mode instead of waiting the timeout again.
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        principal = await self._auth.authenticate(authorization_header(scope["headers"]))
+        deadline = loop.time() if self._auth.store_failed_at >= asked else None
         record.principal = principal
         record.tenant_label = self._metrics.tenant_label(principal.tenant_id, principal.tenant.weight)
         raw = await read_body(scope, receive, self._limits.max_body_bytes)

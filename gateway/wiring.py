@@ -85,7 +85,6 @@ async def wire(
         ledger=services.ledger,
         metrics=services.metrics,
         tracing=services.tracing,
-        redis_timeout_s=settings.redis_timeout_s,
     )
     return Wired(settings=settings, backends=backends, pools=pools, handler=handler)
 

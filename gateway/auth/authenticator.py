@@ -85,12 +85,13 @@ class Authenticator:
         self._loading: dict[str, asyncio.Future[Principal | None]] = {}
         # Bumped by every invalidation: a read that started before one is used but not cached (it may be stale).
         self._generation = 0
+        # When a store read last failed (loop time): the request that met it goes on without waiting again.
+        self.store_failed_at = float("-inf")
 
-    async def authenticate(self, header: bytes | None, *, deadline: float | None = None) -> Principal:
-        """The principal of a bearer key, from the cache or the store.
-
-        `deadline` (loop time) bounds the wait on the store: past it, a key seen before keeps working from
-        its stale entry (as when the store is down), and a key never seen gets a 503."""
+    async def authenticate(self, header: bytes | None) -> Principal:
+        """The principal of a bearer key, from the cache or the store. While the store does not answer (its
+        client's timeout), a key seen before keeps working from its stale entry and a key never seen gets a
+        503; `store_failed_at` then says when (loop time), so admission need not wait on it again."""
         token = bearer_token(header)
         if token is None:
             raise AuthenticationError(_MISSING)
@@ -104,11 +105,9 @@ class Authenticator:
         else:
             generation = self._generation
             try:
-                if deadline is None:
-                    principal = await self._load_once(digest)
-                else:
-                    principal = await self._load_before(digest, deadline)
+                principal = await self._load_once(digest)
             except ServiceUnavailableError:
+                self.store_failed_at = asyncio.get_running_loop().time()
                 if hit is None or hit[0] is None:
                     raise
                 # The store is down: a key seen before keeps working (revocations cannot propagate while
@@ -133,14 +132,6 @@ class Authenticator:
         if key.expires_at is not None and key.expires_at <= self._wall():
             raise AuthenticationError("This API key has expired.")
         return principal
-
-    async def _load_before(self, digest: str, deadline: float) -> Principal | None:
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await self._load_once(digest)
-        except TimeoutError:
-            # The read goes on (shielded) and fills the cache for later requests; this one stops waiting.
-            raise ServiceUnavailableError("The key store did not answer in time.", code="store_unavailable") from None
 
     async def _load_once(self, digest: str) -> Principal | None:
         loading = self._loading.get(digest)
