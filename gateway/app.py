@@ -197,6 +197,7 @@ class GatewayApp:
             store,
             interval_s=settings.stats_interval_s,
             publish=bool(settings.redis_url) or settings.workers > 1,
+            shared_queues=bool(settings.redis_url),
         )
         live.start()
         admin = create_admin_app(AdminContext(settings, store, authenticator, self.metrics, ledger, live))

@@ -30,17 +30,34 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
-    # Slow enough that four backend slots are a bottleneck for two tenants: the fair queue decides.
-    handle = start_sim("--ttft-ms", "20", "--itl-ms", "2", log_dir=tmp_path_factory.mktemp("sim-console"))
+def sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[SimHandle]]:
+    """Two engines in one pool. Slow enough that two slots at each (four in all) are a bottleneck for two
+    tenants: the fair queue decides."""
+    log_dir = tmp_path_factory.mktemp("sim-console")
+    handles = [start_sim("--ttft-ms", "20", "--itl-ms", "2", log_dir=log_dir) for _ in range(2)]
+    yield handles
+    for handle in handles:
+        handle.stop()
+
+
+@pytest.fixture(scope="module")
+def busy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
+    """An engine that runs one request at a time and that other clients also use, bypassing the gateway:
+    requests wait inside it whatever the gateway does."""
+    handle = start_sim(
+        "--ttft-ms", "5", "--itl-ms", "2", "--max-concurrency", "1", log_dir=tmp_path_factory.mktemp("busy")
+    )
     yield handle
     handle.stop()
 
 
 @pytest.fixture(scope="module")
-def gw(sim: SimHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
+def gw(sims: list[SimHandle], busy: SimHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProc]:
     config = {
-        "backends": [{"name": "sim", "kind": "vllm", "url": sim.url, "capacity": 4}],
+        "backends": [
+            {"name": "sim", "kind": "vllm", "endpoints": [s.url for s in sims], "capacity": 2},
+            {"name": "busy", "kind": "vllm", "url": busy.url, "capacity": 2},
+        ],
         "models": [
             {
                 "name": "chat-model",
@@ -182,7 +199,7 @@ def test_package_ships_the_console_and_the_vendored_library_unchanged(node_modul
             assert "http://" not in path.read_text() and "https://" not in path.read_text(), path
 
 
-@pytest.mark.parametrize("suite", ["rates.test.mjs", "patch.test.mjs"])
+@pytest.mark.parametrize("suite", ["rates.test.mjs", "patch.test.mjs", "pools.test.mjs"])
 def test_console_arithmetic(suite: str) -> None:
     node = shutil.which("node")
     assert node, "Node.js is needed for the console's tests"
@@ -194,7 +211,9 @@ def test_console_arithmetic(suite: str) -> None:
 # --- in the browser -------------------------------------------------------------------------------------
 
 
-def test_console_in_chromium(gw: GatewayProc, node_modules: Path, tmp_path: Path) -> None:
+def test_console_in_chromium(
+    gw: GatewayProc, sims: list[SimHandle], busy: SimHandle, node_modules: Path, tmp_path: Path
+) -> None:
     assert Path(CHROMIUM).exists(), "Debian's chromium is needed (scripts/test installs it)"
     beta = tenant_with_key(gw.url, gw.admin_key, "beta", weight=1)
     shots = tmp_path / "screenshots"
@@ -204,6 +223,7 @@ def test_console_in_chromium(gw: GatewayProc, node_modules: Path, tmp_path: Path
         "adminKey": gw.admin_key,
         "betaKey": beta,
         "model": "chat-model",
+        "busyUrl": busy.url,
         "shots": str(shots),
         "chromium": CHROMIUM,
     }
@@ -278,10 +298,32 @@ def test_console_in_chromium(gw: GatewayProc, node_modules: Path, tmp_path: Path
     assert uncontended["sub"] == "no tenant had requests queued"
     assert seen["fairness"]["chart"]["series"] == 4 and seen["fairness"]["chart"]["points"] >= 3
     assert seen["tenantsRate"].endswith("/s") and seen["tenantsRate"] != "0/s"
+    # The pool's two engines under that load: each one's limit (at most its capacity, 2) with permits held
+    # against it, the engine's own running and waiting, and requests served; nothing queues inside the
+    # engines (the capacity control keeps the queue in the gateway), so no warning.
+    backends = seen["backends"]
+    assert [e["id"] for e in backends["endpoints"]] == sorted(f"127.0.0.1:{s.port}" for s in sims)
+    for endpoint in backends["endpoints"]:
+        assert 1 <= endpoint["limit"] <= 2 and 1 <= endpoint["permits"] <= endpoint["limit"], endpoint
+        assert endpoint["cells"][1].startswith(f"{endpoint['permits']} / {endpoint['limit']}")
+        assert endpoint["running"] != "" and endpoint["waiting"] != "" and endpoint["rate"] > 0
+        assert endpoint["state"] == "" and endpoint["hit"] != ""
+    assert backends["warningHidden"] and backends["scopeHidden"]
+    assert backends["summary"].startswith("2 endpoints · ")
+    assert backends["chart"]["points"] >= 3 and backends["chart"]["series"] == "Permits|Limit|Waiting in engines"
+    # Clients that bypass the gateway keep requests waiting inside the busy engine: its row says so, and
+    # the warning under its name says where the queue is and what to check.
+    queue = seen["engineQueue"]
+    assert queue["rows"] == [{"id": f"127.0.0.1:{busy.port}", "state": "queueing", "badge": "queue in the engine"}]
+    assert queue["warning"].startswith(f"Requests keep waiting inside 127.0.0.1:{busy.port} (more than one on average")
+    assert queue["simWarningHidden"] and int(queue["waiting"]) > 1
+    # With a second process publishing, both pages say their figures are across all of them.
+    assert seen["fairnessScope"].startswith("Across all 2 gateway processes")
+    assert seen["backendsScope"].startswith("Across all 2 gateway processes")
     assert seen["load"]["acme"]["200"] > 50 and seen["load"]["beta"]["200"] > 20
 
     # Readable in a narrow window: nothing wider than the viewport.
-    assert seen["narrowOverflow"] <= 0 and seen["narrowKeysOverflow"] <= 0
+    assert seen["narrowOverflow"] <= 0 and seen["narrowKeysOverflow"] <= 0 and seen["narrowBackendsOverflow"] <= 0
     # Every time label fits its chart, wide and narrow: none cut at the canvas's edge.
     assert first["cutLabels"] == [] and seen["narrowCutLabels"] == [] and seen["probeCharts"] == 3
     # Every field has a label and every control a name, on every page visited.
@@ -292,6 +334,7 @@ def test_console_in_chromium(gw: GatewayProc, node_modules: Path, tmp_path: Path
         "keys",
         "live",
         "fairness",
+        "backends",
         "tenants",
         "settings",
         "reference",
@@ -336,6 +379,9 @@ def test_console_in_chromium(gw: GatewayProc, node_modules: Path, tmp_path: Path
         "06-live",
         "07-fairness",
         "07a-fairness-no-contention",
+        "07c-backends",
+        "07d-fairness-across-processes",
+        "07e-backends-engine-queue",
         "07b-live-no-429s",
         "10-narrow-live",
         "10a-narrow-time-axis",

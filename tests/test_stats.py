@@ -1,8 +1,12 @@
-"""GET /admin/stats, the console's live data: exact counters after known traffic, and sums over several
-processes (two replicas sharing a real Redis; two workers of one embedded gateway sharing its SQLite file)."""
+"""GET /admin/stats, the console's live data: exact counters after known traffic, each backend pool's fair
+queue and engines (a pool of two simulators, requests held at them), and how several processes combine
+(two replicas sharing a real Redis; two workers of one embedded gateway sharing its SQLite file): counters
+add up, the figures of shared state do not."""
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,8 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.admin.pools import BackendStats, EndpointStats, PoolReading, merge_pools
 from gateway.admin.stats import merge, read_snapshot
 from gateway.telemetry.metrics import Metrics
+from tests.support import rawhttp
 from tests.support.admin import create_key, create_tenant, tenant_with_key
 from tests.support.gateway import GatewayProc, start_gateway
 from tests.support.redis_server import RedisServer
@@ -29,6 +35,13 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
     handle.stop()
 
 
+@pytest.fixture(scope="module")
+def sim2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
+    handle = start_sim("--ttft-ms", "1", "--itl-ms", "1", log_dir=tmp_path_factory.mktemp("sim2-stats"))
+    yield handle
+    handle.stop()
+
+
 def config(sim: SimHandle, **extra: Any) -> dict[str, Any]:
     return {
         "backends": [{"name": "sim", "kind": "vllm", "url": sim.url, "capacity": 8}],
@@ -41,11 +54,11 @@ def stats(gw: GatewayProc, key: str | None = None) -> httpx.Response:
     return httpx.get(gw.url + "/admin/stats", headers={"Authorization": f"Bearer {key or gw.admin_key}"})
 
 
-def chat(gw: GatewayProc, key: str, max_tokens: int = 3, fresh: bool = False) -> int:
+def chat(gw: GatewayProc, key: str, max_tokens: int = 3, fresh: bool = False, messages: Any = MESSAGES) -> int:
     headers = {"Authorization": f"Bearer {key}"}
     if fresh:
         headers["Connection"] = "close"  # a new connection, which any worker may accept
-    body = {"model": "chat-model", "messages": MESSAGES, "max_tokens": max_tokens}
+    body = {"model": "chat-model", "messages": messages, "max_tokens": max_tokens}
     return httpx.post(gw.url + "/v1/chat/completions", headers=headers, json=body).status_code
 
 
@@ -59,6 +72,37 @@ def eventually(check: Callable[[], bool], timeout: float = 8.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.1)
+
+
+def fixed(sim: SimHandle) -> list[dict[str, Any]]:
+    """One engine with a fixed limit of 8: the limit is exact, and nothing reads the engine's metrics."""
+    return [{"name": "sim", "kind": "vllm", "url": sim.url, "capacity": 8, "capacity_mode": "fixed"}]
+
+
+def pool_of(report: dict[str, Any], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(b for b in report["backends"] if b["name"] == name)
+    return found
+
+
+def held(gws: list[GatewayProc], keys: list[str], sims: list[SimHandle]) -> list[socket.socket]:
+    """One request per key, in that order through `gws` (round robin), each held at an engine that never
+    answers it until its socket closes (streamed: the gateway cancels a stream whose client went away)."""
+    for sim in sims:
+        sim.set_faults("hang", count=len(keys))
+    body = json.dumps({"model": "chat-model", "messages": MESSAGES, "max_tokens": 3, "stream": True}).encode()
+    socks = []
+    for i, key in enumerate(keys):
+        sock = rawhttp.connect(gws[i % len(gws)].port)
+        sock.sendall(rawhttp.post(key, body))
+        socks.append(sock)
+    return socks
+
+
+def release(socks: list[socket.socket], sims: list[SimHandle]) -> None:
+    for sock in socks:
+        sock.close()
+    for sim in sims:
+        sim.set_faults("none")
 
 
 def test_counters_after_known_traffic(sim: SimHandle, tmp_path: Path) -> None:
@@ -109,8 +153,55 @@ def test_counters_after_known_traffic(sim: SimHandle, tmp_path: Path) -> None:
         gw.stop()
 
 
+def test_a_pool_of_two_engines(sim: SimHandle, sim2: SimHandle, tmp_path: Path) -> None:
+    pool = {"name": "sim", "kind": "vllm", "endpoints": [sim.url, sim2.url], "capacity": 8}
+    gw = start_gateway(config(sim, backends=[pool]), tmp_path)
+    try:
+        key = tenant_with_key(gw.url, gw.admin_key, "acme")
+        # The same prompt of several KV blocks each time: the engine's prefix cache holds most of it.
+        long = [{"role": "user", "content": " ".join(f"word{i}" for i in range(64))}]
+        for _ in range(6):
+            assert chat(gw, key, messages=long) == 200
+        report = stats(gw).json()
+        backend = pool_of(report, "sim")
+        endpoints = backend["endpoints"]
+        assert [e["id"] for e in endpoints] == sorted(f"127.0.0.1:{s.port}" for s in (sim, sim2))
+        # Every request and prompt token the tenant was served, counted at the engine that served it.
+        tokens = tenant_of(report, "acme")["tokens"]
+        assert sum(e["requests"] for e in endpoints) == 6
+        assert sum(e["prompt_tokens"] for e in endpoints) == tokens["prompt"]
+        assert sum(e["cached_tokens"] for e in endpoints) == tokens["cached"] > 0
+        assert all(e["cached_tokens"] <= e["prompt_tokens"] for e in endpoints)
+        # The limits the capacity control set from the engines' own load (each at most `capacity`); the
+        # engines' own figures as the control read them from the simulators' /metrics.
+        assert all(1 <= e["limit"] <= 8 for e in endpoints)
+        assert backend["limit"] == sum(e["limit"] for e in endpoints)
+        assert backend["waiting_tenants"] == 0
+        for e in endpoints:
+            assert e["permits"] == 0
+            assert e["running"] >= 0 and e["waiting"] >= 0 and 0 <= e["kv_cache_usage"] <= 1
+
+        # Three requests held at the engines: three permits, wherever they were placed.
+        socks = held([gw], [key] * 3, [sim, sim2])
+        try:
+
+            def permits() -> bool:
+                report = stats(gw).json()
+                return (
+                    sum(e["permits"] for e in pool_of(report, "sim")["endpoints"]) == 3
+                    and tenant_of(report, "acme")["inflight"] == 3
+                )
+
+            eventually(permits)
+        finally:
+            release(socks, [sim, sim2])
+        eventually(lambda: all(e["permits"] == 0 for e in pool_of(stats(gw).json(), "sim")["endpoints"]))
+    finally:
+        gw.stop()
+
+
 def test_replicas_sum_through_redis(sim: SimHandle, redis_server: RedisServer, tmp_path: Path) -> None:
-    shared = config(sim, redis_url=redis_server.url, stats_interval_s=0.2)
+    shared = config(sim, backends=fixed(sim), redis_url=redis_server.url, stats_interval_s=0.2)
     a = start_gateway(shared, tmp_path / "a")
     b = start_gateway(shared, tmp_path / "b")
     try:
@@ -131,13 +222,32 @@ def test_replicas_sum_through_redis(sim: SimHandle, redis_server: RedisServer, t
         report = stats(a).json()
         assert tenant_of(report, "shared")["tokens"]["completion"] == 21
         assert len({r["id"] for r in report["replicas"]}) == 2
+        # One engine, one fair queue: its limit is the same whichever replica reports it, not summed; the
+        # requests it served are.
+        backend = pool_of(report, "sim")
+        (endpoint,) = backend["endpoints"]
+        assert (backend["limit"], endpoint["limit"], endpoint["requests"]) == (8, 8, 7)
+        assert endpoint["running"] is None  # capacity_mode fixed: the engine's metrics are not read
+
+        # Requests held through both replicas hold permits in the one queue: each replica reports them all.
+        socks = held([a, b], [key] * 3, [sim])
+        try:
+
+            def permits(gw: GatewayProc) -> bool:
+                report = stats(gw).json()
+                return pool_of(report, "sim")["endpoints"][0]["permits"] == 3 and pool_of(report, "sim")["limit"] == 8
+
+            eventually(lambda: permits(a))
+            eventually(lambda: permits(b))
+        finally:
+            release(socks, [sim])
     finally:
         a.stop()
         b.stop()
 
 
 def test_workers_sum_through_sqlite(sim: SimHandle, tmp_path: Path) -> None:
-    gw = start_gateway(config(sim, stats_interval_s=0.2), tmp_path, extra_args=("--workers", "2"))
+    gw = start_gateway(config(sim, backends=fixed(sim), stats_interval_s=0.2), tmp_path, extra_args=("--workers", "2"))
     try:
         key = tenant_with_key(gw.url, gw.admin_key, "busy")
         for _ in range(20):
@@ -148,6 +258,10 @@ def test_workers_sum_through_sqlite(sim: SimHandle, tmp_path: Path) -> None:
             return len(report["replicas"]) == 2 and tenant_of(report, "busy")["requests"] == {"200": 20}
 
         eventually(summed)
+        # Without Redis each worker keeps its own fair queue with half of the engine's limit: the queues'
+        # limits add up to the engine's, which each worker applies (not summed).
+        backend = pool_of(stats(gw).json(), "sim")
+        assert (backend["limit"], backend["endpoints"][0]["limit"], backend["endpoints"][0]["requests"]) == (8, 8, 20)
     finally:
         gw.stop()
 
@@ -207,3 +321,112 @@ def test_direct_reading_matches_the_collectors() -> None:
     total = merge([snapshot, snapshot])["a"]
     assert total.requests == {"200": 12, "429": 0} and total.queue_wait.count == 16
     assert total.queue_wait.buckets == [2 * n for n in snapshot.tenants["a"].queue_wait.buckets]
+
+
+def test_pool_reading_matches_the_collectors() -> None:
+    metrics = Metrics()
+    metrics.capacity_limit.labels("pool").set(12)
+    metrics.capacity_waiting.labels("pool").set(2)
+    for i, endpoint in enumerate(("10.0.0.1:8000", "10.0.0.2:8000")):
+        metrics.endpoint_limit.labels("pool", endpoint).set(6)
+        metrics.endpoint_held.labels("pool", endpoint).set(5 - i)
+        metrics.engine_requests.labels("pool", endpoint, "running").set(6)
+        metrics.engine_requests.labels("pool", endpoint, "waiting").set(i)
+        metrics.engine_kv_usage.labels("pool", endpoint).set(0.25 * (i + 1))
+        metrics.endpoint_requests.labels("pool", endpoint).inc(10 + i)
+        metrics.endpoint_tokens.labels("pool", endpoint, "prompt").inc(1000)
+        metrics.endpoint_tokens.labels("pool", endpoint, "cached").inc(400 * i)
+    # A hosted provider: a fixed limit and the requests it served, no engine readings.
+    metrics.capacity_limit.labels("provider").set(4)
+    metrics.endpoint_limit.labels("provider", "api.example.com").set(4)
+    metrics.endpoint_requests.labels("provider", "api.example.com").inc(3)
+    (pool, provider) = read_snapshot(metrics, "r", 0.0).backends
+
+    fields = {
+        "gateway_capacity_limit": "limit",
+        "gateway_capacity_waiting_tenants": "waiting_tenants",
+        "gateway_endpoint_limit": "limit",
+        "gateway_endpoint_permits": "permits",
+        "gateway_engine_kv_cache_usage_ratio": "kv_cache_usage",
+        "gateway_endpoint_requests_total": "requests",
+    }
+    expected: dict[tuple[str, str | None], dict[str, float]] = {}
+    for metric in (
+        metrics.capacity_limit,
+        metrics.capacity_waiting,
+        metrics.endpoint_limit,
+        metrics.endpoint_held,
+        metrics.engine_requests,
+        metrics.engine_kv_usage,
+        metrics.endpoint_requests,
+        metrics.endpoint_tokens,
+    ):
+        for family in metric.collect():
+            for sample in family.samples:
+                labels = sample.labels
+                if sample.name.endswith("_created"):
+                    continue
+                field = fields.get(sample.name) or labels.get("state") or f"{labels['kind']}_tokens"
+                expected.setdefault((labels["backend"], labels.get("endpoint")), {})[field] = sample.value
+    got: dict[tuple[str, str | None], dict[str, float]] = {}
+    for backend in (pool, provider):
+        got[backend.name, None] = backend.model_dump(exclude={"name", "endpoints"}, exclude_none=True)
+        for e in backend.endpoints:
+            got[backend.name, e.id] = e.model_dump(exclude={"id"}, exclude_none=True)
+    # A counter never incremented has no series: it reads as 0.
+    assert {k: {f: v for f, v in g.items() if v or f in expected[k]} for k, g in got.items()} == expected
+    assert (pool.name, [e.id for e in pool.endpoints]) == ("pool", ["10.0.0.1:8000", "10.0.0.2:8000"])
+    assert provider.endpoints[0].running is None and provider.waiting_tenants is None
+
+
+def reading(
+    at: float, own: bool, limit: int, permits: list[int], *, running: int | None = None, requests: int = 0
+) -> PoolReading:
+    endpoints = [
+        EndpointStats(
+            id=f"e{i}",
+            limit=limit // len(permits) if not own else limit,
+            permits=p,
+            running=running,
+            waiting=None if running is None else running // 2,
+            kv_cache_usage=None if running is None else running / 10,
+            requests=requests,
+            prompt_tokens=10 * requests,
+            cached_tokens=requests,
+        )
+        for i, p in enumerate(permits)
+    ]
+    return PoolReading(
+        at, own, [BackendStats(name="pool", limit=limit, waiting_tenants=sum(permits), endpoints=endpoints)]
+    )
+
+
+def test_pools_combine_by_what_each_figure_describes() -> None:
+    # Replicas sharing one queue through Redis: the one that runs the pool's control reports the queue
+    # (8 permits of 8), the other its idle local queue and a more cautious limit. The engine's own
+    # readings come from the freshest process; counters add up.
+    (pool,) = merge_pools(
+        [
+            reading(100.0, False, 8, [4, 4], running=4, requests=5),
+            reading(101.0, False, 4, [0, 0], running=3, requests=7),
+        ]
+    )
+    assert (pool.limit, pool.waiting_tenants) == (8, 8)
+    assert [(e.limit, e.permits) for e in pool.endpoints] == [(4, 4), (4, 4)]
+    assert [(e.running, e.waiting, e.kv_cache_usage) for e in pool.endpoints] == [(3, 1, 0.3)] * 2
+    assert [(e.requests, e.prompt_tokens, e.cached_tokens) for e in pool.endpoints] == [(12, 120, 12)] * 2
+
+    # Workers without Redis each keep their own queue (a share of each engine's limit, which each
+    # applies): the queues' figures add up, the engine's limit does not.
+    (pool,) = merge_pools([reading(100.0, True, 4, [1, 2]), reading(100.0, True, 4, [3, 0])])
+    assert (pool.limit, pool.waiting_tenants) == (8, 6)
+    assert [(e.limit, e.permits, e.running) for e in pool.endpoints] == [(4, 4, None), (4, 2, None)]
+
+    # One replica lost Redis and runs its own queue meanwhile: its requests are at the engines too.
+    (pool,) = merge_pools([reading(100.0, False, 8, [2, 2]), reading(100.0, True, 8, [1, 0])])
+    assert [e.permits for e in pool.endpoints] == [3, 2] and pool.limit == 16
+
+    # A process of an older version publishes no pools; nothing reported stays null.
+    assert merge_pools([PoolReading(1.0, False, [])]) == []
+    (bare,) = merge_pools([PoolReading(1.0, False, [BackendStats(name="b", endpoints=[EndpointStats(id="x")])])])
+    assert (bare.limit, bare.endpoints[0].permits, bare.endpoints[0].running) == (None, None, None)

@@ -1,17 +1,19 @@
-"""Live per-tenant statistics: what `GET /admin/stats` answers and the console draws.
+"""Live statistics: what `GET /admin/stats` answers and the console draws.
 
 A snapshot is read from this process's Prometheus collectors, so the request path does no extra work: per
 tenant, cumulative requests by status, tokens by kind, 429s by reason, the queue-wait histogram and spend by
-currency (counters, which only grow), and the in-flight and queued gauges. A reader differences two
-snapshots to get rates, shares and queue-wait quantiles over the interval between them.
+currency (counters, which only grow), and the in-flight and queued gauges; and per backend pool, its fair
+queue and its engines (`gateway.admin.pools`). A reader differences two snapshots to get rates, shares and
+queue-wait quantiles over the interval between them.
 
 Several processes (the workers of a replica, replicas sharing Redis) each publish their own snapshot into
 the store every `stats_interval_s`, with a TTL, while a reader has asked for them in the last `WANTED_S`
 seconds; a read asks, then sums this process's fresh snapshot with the other live ones (so the first read
 after a quiet spell sees this process alone). The ids of the processes summed come with the answer: when
 they change (a process started or died), the sum jumps like a Prometheus counter reset, and a reader skips
-that interval. A single embedded process (no Redis, one worker) publishes nothing: its own snapshot is the
-whole answer.
+that interval. The pools' gauges describe state the processes share (one engine, one fair queue), so they
+are not summed: `gateway.admin.pools` says how they combine. A single embedded process (no Redis, one
+worker) publishes nothing: its own snapshot is the whole answer.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from gateway.admin.pools import BackendStats, PoolReading, merge_pools, own_queues, read_pools
 from gateway.telemetry.metrics import Metrics
 from gateway.tenancy import Budget, Tenant
 from gateway.tenancy.store import Store
@@ -68,6 +71,9 @@ class Snapshot(BaseModel):
     time: float
     queue_wait_bounds: list[float] = Field(default_factory=list)
     tenants: dict[str, TenantCounters] = Field(default_factory=dict)
+    # True when this process's fair-queue figures are its own queue's, not the one shared through Redis.
+    own_queues: bool = True
+    backends: list[BackendStats] = Field(default_factory=list)
 
 
 class ReplicaOut(BaseModel):
@@ -91,9 +97,16 @@ class StatsReport(BaseModel):
     replicas: list[ReplicaOut]
     queue_wait_bounds: list[float]
     tenants: list[TenantStats]
+    backends: list[BackendStats] = Field(
+        description="Each backend pool's fair queue and engines, by `name`. The figures of shared state (the "
+        "engines, the fair queue all replicas share through Redis) are not summed over the processes: an "
+        "engine's own readings are the freshest, its limit the largest reported; a pool's total limit, "
+        "permits and tenants waiting are the largest reported, plus the sum over processes that keep their "
+        "own queue (without Redis, or while it is unreachable). The request and token counters are summed."
+    )
 
 
-def read_snapshot(metrics: Metrics, replica: str, started_at: float) -> Snapshot:
+def read_snapshot(metrics: Metrics, replica: str, started_at: float, *, shared_queues: bool = False) -> Snapshot:
     """This process's counters, read from the collectors the request path already updates.
 
     The children's values are read directly (`_by_tenant`, and each value's float without its lock: the
@@ -101,6 +114,9 @@ def read_snapshot(metrics: Metrics, replica: str, started_at: float) -> Snapshot
     builds a sample object per bucket and costs several times more (30 ms for 100 tenants on three
     models, most of it the histogram), a pause the event loop would feel. tests/test_stats.py holds the
     two readings together, so a prometheus_client upgrade that changes these internals fails there.
+
+    `shared_queues`: the backends' fair queues are shared through Redis (this process is one of several
+    reporting the same queues).
     """
     bounds = [b for b in metrics.queue_wait_bounds if math.isfinite(b)]
     requests = _by_tenant(metrics.requests, "status")
@@ -123,7 +139,15 @@ def read_snapshot(metrics: Metrics, replica: str, started_at: float) -> Snapshot
             inflight=round(inflight.get(tenant, {}).get("", 0.0)),
             queued=round(queued.get(tenant, {}).get("", 0.0)),
         )
-    return Snapshot(replica=replica, started_at=started_at, time=time.time(), queue_wait_bounds=bounds, tenants=tenants)
+    return Snapshot(
+        replica=replica,
+        started_at=started_at,
+        time=time.time(),
+        queue_wait_bounds=bounds,
+        tenants=tenants,
+        own_queues=own_queues(metrics, shared=shared_queues),
+        backends=read_pools(metrics),
+    )
 
 
 def _items(metric: Any) -> tuple[tuple[str, ...], list[tuple[tuple[str, ...], Any]]]:
@@ -193,11 +217,15 @@ class LiveStats:
     """This process's side of the live statistics: its snapshot on demand, and (when others may read it)
     a task that publishes it into the store."""
 
-    def __init__(self, metrics: Metrics, store: Store, *, interval_s: float, publish: bool) -> None:
+    def __init__(
+        self, metrics: Metrics, store: Store, *, interval_s: float, publish: bool, shared_queues: bool = False
+    ) -> None:
+        """`shared_queues`: the backends' fair queues are shared through Redis."""
         self._metrics = metrics
         self._store = store
         self._interval = interval_s
         self._publish = publish
+        self._shared_queues = shared_queues
         # A restarted process gets a new id, so readers see its counters start again from zero.
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.started_at = time.time()
@@ -208,7 +236,7 @@ class LiveStats:
         return max(5.0, 5 * self._interval)
 
     def snapshot(self) -> Snapshot:
-        return read_snapshot(self._metrics, self.replica, self.started_at)
+        return read_snapshot(self._metrics, self.replica, self.started_at, shared_queues=self._shared_queues)
 
     def start(self) -> None:
         if self._publish:
@@ -273,4 +301,5 @@ class LiveStats:
             replicas=sorted(replicas, key=lambda r: r.id),
             queue_wait_bounds=mine.queue_wait_bounds,
             tenants=out,
+            backends=merge_pools(PoolReading(s.time, s.own_queues, s.backends) for s in snapshots),
         )

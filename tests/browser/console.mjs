@@ -2,8 +2,8 @@
 // Run by tests/test_console.py: node console.mjs <config.json>. The config names the gateway, the admin
 // key, a second tenant's key for the load, and where screenshots go. The script signs in, creates a
 // tenant and keys (each secret seen once), revokes and rotates, runs a load for two tenants while it
-// watches the live view and the fairness view, and prints what it saw as one JSON line; the Python test
-// asserts on it. Every browser request to anything but the gateway's origin is refused and recorded.
+// watches the live view, the fairness view and the backends view (a pool of two engines), and prints what
+// it saw as one JSON line; the Python test asserts on it. Every browser request to anything but the gateway's origin is refused and recorded.
 // Along the way it records the body of every PATCH the page sends, checks the charts' time labels fit
 // their canvas, and ends on the admin API reference (api.html).
 
@@ -408,6 +408,97 @@ try {
   await shot("07-fairness");
   step("fairness seen");
 
+  // The pool's two engines under the load: each one's limit against the permits held there, and what
+  // the engine itself reports.
+  await page.getByRole("link", { name: "Backends" }).click();
+  await page.getByRole("heading", { name: "Backends", level: 1 }).waitFor();
+  await page.waitForFunction(
+    () => {
+      const rows = [...document.querySelectorAll('[data-backend="sim"] tr[data-endpoint]')];
+      return (
+        rows.length === 2 &&
+        rows.every((r) => Number(r.dataset.limit) > 0 && Number(r.dataset.permits) > 0 && Number(r.querySelector("[data-rate]").dataset.rate) > 0) &&
+        Number(document.querySelector('[data-chart="pool-sim"]')?.dataset.points || 0) >= 3
+      );
+    },
+    null,
+    { timeout: 30000 },
+  );
+  seen.backends = await page.evaluate(() => ({
+    endpoints: [...document.querySelectorAll('[data-backend="sim"] tr[data-endpoint]')].map((r) => ({
+      id: r.dataset.endpoint,
+      limit: Number(r.dataset.limit),
+      permits: Number(r.dataset.permits),
+      running: r.dataset.running,
+      waiting: r.dataset.waiting,
+      state: r.dataset.state,
+      rate: Number(r.querySelector("[data-rate]").dataset.rate),
+      hit: r.querySelector("[data-hit]").dataset.hit,
+      cells: [...r.children].map((c) => c.textContent),
+    })),
+    summary: document.querySelector('[data-backend="sim"] .pool-summary').textContent,
+    warningHidden: document.querySelector('[data-backend="sim"] .pool-warning').hidden,
+    scopeHidden: document.querySelector(".scope").hidden,
+    chart: { points: Number(document.querySelector('[data-chart="pool-sim"]').dataset.points), series: document.querySelector('[data-chart="pool-sim"]').dataset.series },
+  }));
+  a11y.backends = await unlabelled();
+  await shot("07c-backends");
+  await shot("07c-backends-full", true);
+  step("backends seen");
+
+  // Clients that bypass the gateway, straight to the busy engine (one request at a time): requests wait
+  // inside it, where the gateway cannot order them, and the page warns once they keep waiting.
+  let stopDirect = false;
+  async function direct() {
+    while (!stopDirect && Date.now() < loadDeadline) {
+      try {
+        const r = await fetch(`${config.busyUrl}/v1/chat/completions`, {
+          method: "POST",
+          headers: { "Content-Type": "application/json" },
+          body: JSON.stringify({ model, max_tokens: 200, messages: [{ role: "user", content: "elsewhere" }] }),
+        });
+        await r.arrayBuffer();
+      } catch {
+        await sleep(100);
+      }
+    }
+  }
+  const directLoops = Array.from({ length: 6 }, () => direct());
+  await page.locator('[data-backend="busy"] tr[data-state="queueing"]').waitFor({ timeout: 60000 });
+  seen.engineQueue = await page.evaluate(() => ({
+    rows: [...document.querySelectorAll('tr[data-state="queueing"]')].map((r) => ({ id: r.dataset.endpoint, state: r.dataset.state, badge: r.querySelector(".badge")?.textContent })),
+    waiting: document.querySelector('[data-backend="busy"] tr[data-endpoint]').dataset.waiting,
+    warning: document.querySelector('[data-backend="busy"] .pool-warning:not([hidden])')?.textContent || "",
+    simWarningHidden: document.querySelector('[data-backend="sim"] .pool-warning').hidden,
+  }));
+  await page.locator('[data-backend="busy"]').scrollIntoViewIfNeeded();
+  await shot("07e-backends-engine-queue");
+  stopDirect = true;
+  await Promise.all(directLoops);
+  step("engine queue seen");
+
+  // Several processes publishing their figures (as replicas sharing Redis do): both pages say that
+  // their figures are across all of them. The gateway's answer gains a second process here.
+  const twoProcesses = async (route) => {
+    const response = await route.fetch();
+    const body = await response.json();
+    body.replicas = [...body.replicas, { id: "replica-b", started_at: body.time - 60, time: body.time }];
+    await route.fulfill({ response, json: body });
+  };
+  await page.route("**/admin/stats", twoProcesses);
+  await page.locator(".scope:not([hidden])").waitFor();
+  seen.backendsScope = await page.locator(".scope").textContent();
+  await page.getByRole("link", { name: "Fairness" }).click();
+  await page.getByRole("heading", { name: "Fairness", level: 1 }).waitFor();
+  await page.locator(".scope:not([hidden])").waitFor();
+  seen.fairnessScope = await page.locator(".scope").textContent();
+  // The set of processes changed (a reset): the shares come back after two polls.
+  await page.locator('tr[data-tenant="acme"] [data-share]').waitFor();
+  await shot("07d-fairness-across-processes");
+  // Wait for a poll in flight to be answered, then the gateway's answers pass unchanged again.
+  await page.unrouteAll({ behavior: "wait" });
+  step("scope seen");
+
   // beta has no limits: its 429 chart draws nothing and says so.
   await page.evaluate(() => (location.hash = "#/tenants/beta/live"));
   await page.waitForFunction(() => Number(document.querySelector('[data-chart="limited"]')?.dataset.points || 0) >= 3, null, { timeout: 30000 });
@@ -464,6 +555,13 @@ try {
   await page.locator("tbody tr").first().waitFor();
   await shot("11-narrow-keys", true);
   seen.narrowKeysOverflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  await page.getByRole("link", { name: "Backends" }).click();
+  await page.locator('[data-backend="sim"] tr[data-endpoint]').first().waitFor();
+  await sleep(500);
+  await shot("11a-narrow-backends", true);
+  seen.narrowBackendsOverflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  await page.evaluate(() => (location.hash = "#/tenants/acme/keys"));
+  await page.locator("tbody tr").first().waitFor();
   await page.setViewportSize({ width: 1280, height: 800 });
 
   stopLoad = true;

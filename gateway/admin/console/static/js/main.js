@@ -4,6 +4,7 @@
 import { onSignOut, signedIn, signOut } from "./api.js";
 import { h, toast } from "./dom.js";
 import * as poller from "./poller.js";
+import { backendsView } from "./views/backends.js";
 import { fairnessView } from "./views/fairness.js";
 import { loginView } from "./views/login.js";
 import { tenantForm } from "./views/tenant-form.js";
@@ -18,6 +19,7 @@ const ROUTES = [
   [/^#\/tenants\/new$/, () => newTenant(), "New tenant", "tenants"],
   [/^#\/tenants\/([a-z0-9][a-z0-9_-]{0,62})(?:\/(live|keys|settings))?$/, (m) => tenantView(main, m[1], m[2] || "live"), (m) => m[1], "tenants"],
   [/^#\/fairness$/, () => fairnessView(main), "Fairness", "fairness"],
+  [/^#\/backends$/, () => backendsView(main), "Backends", "backends"],
   [/^#\/tenants$/, () => tenantsView(main), "Tenants", "tenants"],
 ];
 

@@ -7,7 +7,8 @@
 
 export const REASONS = ["rpm", "tpm", "concurrency", "inflight_tokens", "budget", "queue_full", "queue_timeout"];
 
-function replicaKey(snapshot) {
+/** The processes a snapshot sums, as one comparable string. */
+export function replicaKey(snapshot) {
   return snapshot.replicas.map((r) => r.id).sort().join(" ");
 }
 

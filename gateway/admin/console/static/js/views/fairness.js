@@ -16,6 +16,7 @@ export function fairnessView(main) {
   const backlogged = h("p", { class: "tile-value", "data-tile": "backlogged", "data-value": "" }, fmt.NONE);
   const total = h("p", { class: "tile-value", "data-tile": "served", "data-value": "" }, fmt.NONE);
   const body = h("tbody", {});
+  const scope = h("p", { class: "hint scope", hidden: true });
   main.replaceChildren(
     h(
       "div",
@@ -25,6 +26,7 @@ export function fairnessView(main) {
         {},
         h("h1", { tabindex: "-1" }, "Fairness"),
         h("p", { class: "lede" }, "Each active tenant's share of the service it was given (prompt + 2 × completion tokens, the fair queue's measure) against its entitlement: its weight over the weights of the tenants active at the time."),
+        scope,
       ),
     ),
     h(
@@ -70,7 +72,11 @@ export function fairnessView(main) {
   let chart = null;
   let drawn = "";
 
-  function render({ history, intervals }) {
+  function render({ history, intervals, latest }) {
+    // With several processes publishing their figures, a share is of the service all of them gave.
+    const n = latest ? latest.replicas.length : 1;
+    scope.hidden = n < 2;
+    scope.textContent = `Across all ${n} gateway processes (replicas and their workers): each tenant's service is summed over them, so its share is of what they all served together.`;
     const active = new Map();
     for (const iv of intervals) {
       if (!iv) continue;

@@ -7,7 +7,7 @@ import { lineChart, PALETTE } from "../charts.js";
 import { h } from "../dom.js";
 import * as fmt from "../format.js";
 import * as poller from "../poller.js";
-import { REASONS, tenantPoint } from "../rates.js";
+import { REASONS, replicaKey, tenantPoint } from "../rates.js";
 
 const USAGE_EVERY_MS = 10000;
 const REASON_LABELS = {
@@ -42,10 +42,6 @@ function set(t, text, numeric, sub = "") {
   t.value.textContent = text;
   t.value.dataset.value = numeric === null || numeric === undefined ? "" : String(numeric);
   t.sub.textContent = sub;
-}
-
-function replicaKey(snapshot) {
-  return snapshot.replicas.map((r) => r.id).sort().join(" ");
 }
 
 function spendOf(snapshot, id) {
