@@ -213,7 +213,7 @@ class InferenceHandler:
                     if request.stream:
                         await self._stream(receive, send, request, placement, record, direct)
                     else:
-                        await self._unary(send, request, placement, record)
+                        await self._unary(send, request, placement, record, direct)
                     return
                 except _Failover as failover:
                     if not await self._admission.move(placement, failover.reason, receive=receive):
@@ -263,22 +263,45 @@ class InferenceHandler:
             raise _Failover(f"http_{status}", error)
         return error
 
-    async def _unary(self, send: Send, request: ParsedRequest, placement: Placement, record: Record) -> None:
+    async def _unary(
+        self,
+        send: Send,
+        request: ParsedRequest,
+        placement: Placement,
+        record: Record,
+        direct: DirectWriter | None,
+    ) -> None:
         backend, model = placement.backend, placement.model
         headers = backend_headers(backend, record.request_id, self._backend_keys.get(backend.name))
         payload = self._payload(request, placement)
         pool = self._connections[backend.name].to(placement.endpoint.id)
-        try:
+        answer: tuple[int, bytes] = (0, b"")
+
+        async def call() -> None:
+            nonlocal answer
             with self._tracing.client_span(request.endpoint, model.upstream_name, backend.name, backend.config.kind):
-                # From here the backend may be working on it: a client or a gateway that stops waiting still
-                # pays for the prompt.
-                record.processed = True
                 async with await pool.request("POST", _PATHS[request.endpoint], payload, headers) as resp:
-                    status = resp.status
-                    data = await resp.read()
+                    answer = (resp.status, await resp.read())
+
+        # From here the backend may be working on it: a client or a gateway that stops waiting still pays for
+        # the prompt.
+        record.processed = True
+        try:
+            if direct is None:
+                await call()
+            else:
+                # Under the gateway's own server a client that leaves cancels the call at once (which closes the
+                # backend connection, which stops the generation), and its permit comes back: no task for it.
+                client_gone, exc = await _watched_by_server(call(), direct)
+                if client_gone:
+                    record.status, record.partial = CLIENT_GONE, True
+                    return
+                if exc is not None:
+                    raise exc
         except httpclient.UpstreamError as exc:
             record.processed = False
             raise self._failed_to_answer(placement, exc) from None
+        status, data = answer
         self._backends.succeeded(backend, placement.endpoint)
         self._metrics.child(self._metrics.upstream_latency, backend.name).observe(time.perf_counter() - record.started)
         if status >= 400:

@@ -201,6 +201,30 @@ def test_a_client_that_leaves_a_stream_early_pays_for_the_prompt_and_what_it_was
     t.check_charged(events)
 
 
+def test_a_client_that_leaves_before_a_unary_answer_pays_for_the_prompt_and_frees_its_place_at_once(
+    gw: GatewayProc, redis_srv: RedisServer, sims: tuple[SimHandle, SimHandle]
+) -> None:
+    t = Tenant(gw, redis_srv)
+    cancelled = sims[0].stats()["cancelled"]
+    with pytest.raises(httpx.ReadTimeout):  # about 10 s of generation; the client gives up after half a second
+        httpx.post(
+            gw.url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {t.key}"},
+            json={"model": "m", "messages": PROMPT, "max_tokens": 2000},
+            timeout=0.5,
+        )
+    t.probe.wait_settled(within_s=3)  # not after the engine would have finished
+    (event,) = t.events(1)
+    data = event["data"]
+    assert (data["status"], data["partial"], data["completion_tokens"]) == (499, True, 0)
+    assert data["prompt_tokens"] > 100
+    deadline = time.monotonic() + 3
+    while sims[0].stats()["cancelled"] == cancelled:  # the engine stopped generating for nobody
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    t.check_charged([event])
+
+
 def test_a_backend_error_charges_nothing_and_says_so(
     gw: GatewayProc, redis_srv: RedisServer, sims: tuple[SimHandle, SimHandle]
 ) -> None:

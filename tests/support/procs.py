@@ -6,6 +6,7 @@ test can also SIGKILL it to cause the real fault.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -57,7 +58,10 @@ class Proc:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
         env = {**os.environ, **self.env}
-        self.popen = subprocess.Popen(list(self.args), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+        # A group of its own: a gateway with --workers has children, and a kill must reach them too.
+        self.popen = subprocess.Popen(
+            list(self.args), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), start_new_session=True
+        )
         log.close()
         return self
 
@@ -77,13 +81,20 @@ class Proc:
         try:
             return self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.popen.kill()
+            self._kill_group()
             return self.popen.wait(timeout)
+        finally:
+            self._kill_group()  # whatever it left behind (workers of a gateway that failed to stop)
 
     def kill(self) -> None:
         if self.popen is not None and self.popen.poll() is None:
-            self.popen.kill()
+            self._kill_group()
             self.popen.wait(10)
+
+    def _kill_group(self) -> None:
+        assert self.popen is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
 
     def output(self) -> str:
         try:

@@ -205,12 +205,13 @@ class FailoverQuotaStore:
     ) -> PoolStatus:
         """This replica's share of the pool (used while Redis is down), and, when `shared` (this replica runs
         the pool's capacity control), the pool's limits in Redis for every replica."""
-        share = {endpoint: max(1, limit // self._replicas) for endpoint, limit in limits.items()}
+        share = {endpoint: max(1, limit // self._replicas) if limit else 0 for endpoint, limit in limits.items()}
         status = await self._fallback.set_capacity(pool, share, load_factor=load_factor)
-        if not shared or self._degraded:
+        if self._degraded:
             return status
         try:
-            return await self._primary.set_capacity(pool, limits, load_factor=load_factor)
+            # A replica that does not run the pool's control still reports the shared queue, not its idle share.
+            return await self._primary.set_capacity(pool, limits, load_factor=load_factor, write=shared)
         except QuotaBackendError as exc:
             self._set_degraded(True, exc)
             return status

@@ -397,21 +397,29 @@ class RedisQuotaStore:
         return int(out) == 1
 
     async def set_capacity(
-        self, pool: str, limits: dict[str, int], *, load_factor: float = 1.25, ttl_s: float = 3600.0
+        self,
+        pool: str,
+        limits: dict[str, int],
+        *,
+        load_factor: float = 1.25,
+        ttl_s: float = 3600.0,
+        write: bool = True,
     ) -> PoolStatus:
-        """Set the pool's endpoints and their limits; waiting requests take what that frees."""
+        """Set the pool's endpoints and their limits (waiting requests take what that frees) and answer the
+        pool's state; with `write` False, only answer it."""
         if self._capacity is None:
             self._capacity = _Script("capacity")
         args: list[str | int | float] = [
             self._now(),
             self.pool_prefix(pool),
-            repr(float(load_factor)),
+            "1" if write else "0",
             self.replicas_key,
             self.grants_prefix,
             repr(float(ttl_s)),
         ]
-        for endpoint, limit in limits.items():
-            args += [endpoint, int(limit)]
+        if write:
+            for endpoint, limit in limits.items():
+                args += [endpoint, int(limit)]
         out = await self._capacity(self._client, [], args)
         by_endpoint = {_str(out[i]): int(out[i + 1]) for i in range(3, len(out) - 1, 2)}
         return PoolStatus(int(out[0]), int(out[1]), int(out[2]), by_endpoint)
