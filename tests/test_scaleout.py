@@ -144,7 +144,8 @@ def test_the_engine_not_the_config_sets_what_all_replicas_send(replicas: list[Ga
         line for line in httpx.get(replicas[0].url + "/metrics").text.splitlines()
         if line.startswith("gateway_capacity_limit{")
     ]  # fmt: skip
-    assert limit and float(limit[0].rsplit(" ", 1)[1]) == SLOTS
+    # The engine's size, or one above it while the control probes whether the engine grew.
+    assert limit and float(limit[0].rsplit(" ", 1)[1]) in (SLOTS, SLOTS + 1), limit
 
 
 def test_weights_hold_across_replicas_with_clients_pinned(replicas: list[GatewayProc], engine: SimHandle) -> None:
