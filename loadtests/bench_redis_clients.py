@@ -61,6 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 from redis import exceptions as rx  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
+from redis.utils import HIREDIS_AVAILABLE  # noqa: E402
 
 from gateway.admission.limits import (  # noqa: E402
     PipelinedRedis,
@@ -413,6 +414,7 @@ def main() -> None:
         os.sched_setaffinity(0, {load_cpu})
     redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
     versions = ", ".join(f"{d} {_version(d)}" for d in ("redis", "hiredis", "coredis", "uvloop") if _version(d))
+    versions += f" (redis-py parses with hiredis: {HIREDIS_AVAILABLE})"
     print(
         f"python {sys.version.split()[0]}, loop {args.loop}, redis-server {redis_version.removeprefix('v=')}, "
         f"{versions}; this process on CPU {load_cpu}, redis-server on CPU {server_cpu}; "
