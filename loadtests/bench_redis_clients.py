@@ -1,6 +1,6 @@
 """The quota scripts through each Redis client: the gateway's `PipelinedRedis` beside redis-py and coredis.
 
-    .venv/bin/python loadtests/bench_redis_clients.py                    # 5 rounds, about 2 minutes
+    .venv/bin/python loadtests/bench_redis_clients.py                    # 5 rounds, about 2.5 minutes
     .venv/bin/python loadtests/bench_redis_clients.py --rounds 3 --concurrency 32 --loop asyncio
 
 coredis is not one of the gateway's dependencies; to measure it too, run from a separate venv that has it:
