@@ -73,7 +73,7 @@ class Workload:
     system_tokens: int = 1600
     """Each tenant's own system prompt, after the preamble."""
     question_tokens: int = 40
-    max_tokens: int = 16
+    max_tokens: int = 32
     load: float = 0.65
     warmup_s: float = 8.0
     seconds: float = 25.0
@@ -82,10 +82,10 @@ class Workload:
 @dataclass(frozen=True)
 class Engines:
     count: int = 4
-    slots: int = 8
+    slots: int = 32
     ttft_ms: float = 10.0
-    itl_ms: float = 20.0
-    prefill_us_per_token: float = 60.0
+    itl_ms: float = 40.0
+    prefill_us_per_token: float = 200.0
     block_tokens: int = 16
     cache_blocks: int = 0
 
@@ -142,6 +142,7 @@ class Variant:
     nginx: bool = False
     single: bool = False
     short_preamble: bool = False
+    load_factor: float = 1.25
 
 
 VARIANTS = (
@@ -152,6 +153,7 @@ VARIANTS = (
     Variant("single_engine", "one engine with 4x the slots and 4x the cache", "none", single=True),
     Variant("shared_scope_short", "shared_scope, with a preamble shorter than prefix_tokens", "scope", "group:all", short_preamble=True),
     Variant("tenant_scope_short", "tenant_scope, with a preamble shorter than prefix_tokens", short_preamble=True),
+    Variant("tenant_scope_lf2", "tenant_scope, with routing.load_factor 2.0 (spills less, balances less)", load_factor=2.0),
 )  # fmt: skip
 SHORT_PREAMBLE_TOKENS = 64
 
@@ -195,7 +197,9 @@ class Engine:
     def __init__(self, e: Engines, tmp: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = start([PY, "-m", "gateway", "sim", "--port", str(self.port), *e.args()], log=tmp / f"sim-{self.port}.log")
+        self.proc = start(
+            [PY, "-m", "gateway", "sim", "--port", str(self.port), *e.args()], log=tmp / f"sim-{self.port}.log"
+        )
         # One pooled client: a new one per call costs tens of milliseconds, and placement asks after every request.
         self.http = httpx.Client(base_url=self.url, timeout=10, trust_env=False)
 
@@ -239,7 +243,7 @@ def nginx_in_front(pool: list[Engine], tmp: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def gateway(where: dict[str, Any], capacity: int, affinity: str, redis_url: str, tmp: Path) -> Iterator[str]:
+def gateway(where: dict[str, Any], capacity: int, routing: dict[str, Any], redis_url: str, tmp: Path) -> Iterator[str]:
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     config = {
@@ -254,14 +258,16 @@ def gateway(where: dict[str, Any], capacity: int, affinity: str, redis_url: str,
                 **where,
                 "capacity": capacity,
                 "capacity_mode": "fixed",
-                "routing": {"affinity": affinity},
+                "routing": routing,
             }
         ],
         "models": [{"name": "m", "backends": ["pool"]}],
     }
     (tmp / "gateway.yaml").write_text(yaml.safe_dump(config))
     env = {"GATEWAY_ADMIN_KEY": ADMIN, "GATEWAY_SALT_SECRET": "bench-salt-secret-0123456789abcdef"}
-    proc = start([PY, "-m", "gateway", "serve", "--config", str(tmp / "gateway.yaml")], env=env, log=tmp / "gateway.log")
+    proc = start(
+        [PY, "-m", "gateway", "serve", "--config", str(tmp / "gateway.yaml")], env=env, log=tmp / "gateway.log"
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url + "/readyz", proc, timeout=60)
@@ -319,7 +325,7 @@ async def send(session: aiohttp.ClientSession, url: str, key: str, body: bytes, 
         rec.status = -1
 
 
-def counters(pool: list[Engine]) -> list[dict[str, int]]:
+def counters(pool: list[Engine]) -> list[dict[str, Any]]:
     out = []
     for engine in pool:
         s = engine.stats()
@@ -328,14 +334,30 @@ def counters(pool: list[Engine]) -> list[dict[str, int]]:
                 "requests": s["requests_by_path"].get(CHAT, 0),
                 "queries": s["prefix_cache_queries"],
                 "hits": s["prefix_cache_hits"],
+                "salts": s["requests_by_cache_salt"],
             }
         )
     return out
 
 
+def stickiness(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> float | None:
+    """Share of requests served by their scope's busiest engine (1.0: every scope on one engine).
+
+    Read from the engines' requests per cache salt in the window; meaningless when all tenants share a salt.
+    """
+    per_scope: dict[str, list[int]] = {}
+    for i, (b, a) in enumerate(zip(before, after, strict=True)):
+        for salt, n in a["salts"].items():
+            per_scope.setdefault(salt, [0] * len(after))[i] = n - b["salts"].get(salt, 0)
+    total = sum(sum(counts) for counts in per_scope.values())
+    if len(per_scope) < 2 or not total:
+        return None
+    return round(sum(max(counts) for counts in per_scope.values()) / total, 4)
+
+
 async def offer(
     url: str, keys: list[str], systems: list[str], w: Workload, rate: float, pool: list[Engine]
-) -> tuple[list[Sent], list[dict[str, int]], list[dict[str, int]]]:
+) -> tuple[list[Sent], list[dict[str, Any]], list[dict[str, Any]]]:
     """Poisson arrivals at `rate` for warm-up plus the window; the engines' counters at the window's edges."""
     rng = random.Random(f"arrivals {w.tenants}")
     bodies = [
@@ -350,7 +372,7 @@ async def offer(
     ]
     sent: list[Sent] = []
     tasks: list[asyncio.Task[None]] = []
-    edges: list[list[dict[str, int]]] = []
+    edges: list[list[dict[str, Any]]] = []
     loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=300)
@@ -386,7 +408,7 @@ def quantile(values: list[float], q: float) -> float:
 
 
 def summarize(
-    v: Variant, sent: list[Sent], before: list[dict[str, int]], after: list[dict[str, int]], w: Workload
+    v: Variant, sent: list[Sent], before: list[dict[str, Any]], after: list[dict[str, Any]], w: Workload
 ) -> dict[str, Any]:
     window = [s for s in sent if w.warmup_s <= s.at < w.warmup_s + w.seconds]
     ok = [s for s in window if s.status == 200 and s.ttft is not None]
@@ -416,6 +438,8 @@ def summarize(
         "endpoint_requests": served,
         "max_over_mean": round(max(served) / mean, 3) if mean else None,
         "endpoint_hit_ratio": [round(h / q, 4) if q else 0.0 for h, q in zip(hits, queries, strict=True)],
+        "engine_hit_ratio": round(sum(hits) / sum(queries), 4) if sum(queries) else 0.0,
+        "stickiness": None if v.scope != "tenant" or v.single else stickiness(before, after),
     }
 
 
@@ -439,7 +463,8 @@ def run_variant(v: Variant, w: Workload, e: Engines, rate: float, tmp: Path) -> 
             where, capacity = {"url": pool[0].url}, e.slots
         else:
             where, capacity = {"endpoints": [engine.url for engine in pool]}, e.slots
-        url = stack.enter_context(gateway(where, capacity, v.affinity, redis_url, tmp / "gw"))
+        routing = {"affinity": v.affinity, "load_factor": v.load_factor}
+        url = stack.enter_context(gateway(where, capacity, routing, redis_url, tmp / "gw"))
         keys = tenant_keys(url, [f"t{i}" for i in range(w.tenants)], v.scope)
         sent, before, after = asyncio.run(offer(url, keys, systems, w, rate, pool))
     result = summarize(v, sent, before, after, w)
@@ -491,8 +516,8 @@ def run_placement(e: Engines, tmp: Path, tenants: int = 8, prompts: int = 16) ->
         redis_url = stack.enter_context(redis(None))
         pool = stack.enter_context(engines(replace(e, cache_blocks=20000), tmp))
         where = {"endpoints": [engine.url for engine in pool]}
-        a = stack.enter_context(gateway(where, e.slots, "scope", redis_url, tmp / "a"))
-        b = stack.enter_context(gateway(where, e.slots, "scope", redis_url, tmp / "b"))
+        a = stack.enter_context(gateway(where, e.slots, {"affinity": "scope"}, redis_url, tmp / "a"))
+        b = stack.enter_context(gateway(where, e.slots, {"affinity": "scope"}, redis_url, tmp / "b"))
         own = tenant_keys(a, [f"own{i}" for i in range(tenants)], "tenant")
         grouped = tenant_keys(a, [f"grp{i}" for i in range(tenants)], "group:shared")
         own_a, grouped_a = place(a, pool, own, texts), place(a, pool, grouped, texts)
@@ -525,15 +550,16 @@ def run_placement(e: Engines, tmp: Path, tenants: int = 8, prompts: int = 16) ->
 
 def table(results: dict[str, Any]) -> str:
     lines = [
-        "| variant | hit ratio | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | req/s | requests per engine | max/mean |",
-        "|---|---:|---:|---:|---:|---:|---|---:|",
+        "| variant | hit ratio | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | req/s | requests per engine | max/mean "
+        "| on the tenant's main engine |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for name, r in results.items():
         t = r["ttft_ms"]
         lines.append(
             f"| {name} | {r['hit_ratio']:.1%} | {t['p50']:.0f} | {t['p90']:.0f} | {t['p99']:.0f} "
             f"| {r['throughput_rps']:.1f} | {' / '.join(map(str, r['endpoint_requests']))} "
-            f"| {r['max_over_mean'] or 0:.2f} |"
+            f"| {r['max_over_mean'] or 0:.2f} | {'-' if r['stickiness'] is None else format(r['stickiness'], '.1%')} |"
         )
     return "\n".join(lines)
 
@@ -554,7 +580,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-pools-") as tmp:
         for v in chosen:
             results[v.name] = run_variant(v, w, e, rate, Path(tmp))
-            print(f"{v.name}: {json.dumps({k: results[v.name][k] for k in ('hit_ratio', 'ttft_ms', 'throughput_rps', 'endpoint_requests')})}", flush=True)
+            print(
+                f"{v.name}: {json.dumps({k: results[v.name][k] for k in ('hit_ratio', 'ttft_ms', 'throughput_rps', 'endpoint_requests')})}",
+                flush=True,
+            )
         placement = run_placement(e, Path(tmp)) if not args.only or "placement" in args.only else None
     out: dict[str, Any] = {
         "workload": asdict(w),
