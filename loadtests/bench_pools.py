@@ -47,7 +47,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,7 @@ class Workload:
     max_tokens: int = 32
     load: float = 0.65
     warmup_s: float = 8.0
-    seconds: float = 25.0
+    seconds: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -143,17 +143,20 @@ class Variant:
     single: bool = False
     short_preamble: bool = False
     load_factor: float = 1.25
+    cache_scale: float = 1.0
 
 
 VARIANTS = (
     Variant("round_robin", "nginx round robin over the 4 engines (the gateway sees one endpoint)", "none", nginx=True),
     Variant("least_loaded", "gateway pool, affinity: none (fewest requests in flight)", "none"),
-    Variant("shared_scope", "gateway prefix affinity, all tenants in one cache scope (prompt-only key)", "scope", "group:all"),
+    Variant("shared_scope", "gateway prefix affinity, all tenants in one scope (prompt-only key)", scope="group:all"),
     Variant("tenant_scope", "gateway prefix affinity, each tenant its own cache scope (default)"),
     Variant("single_engine", "one engine with 4x the slots and 4x the cache", "none", single=True),
-    Variant("shared_scope_short", "shared_scope, with a preamble shorter than prefix_tokens", "scope", "group:all", short_preamble=True),
-    Variant("tenant_scope_short", "tenant_scope, with a preamble shorter than prefix_tokens", short_preamble=True),
-    Variant("tenant_scope_lf2", "tenant_scope, with routing.load_factor 2.0 (spills less, balances less)", load_factor=2.0),
+    Variant("shared_scope_short", "shared_scope, preamble shorter than prefix_tokens", scope="group:all",
+            short_preamble=True),
+    Variant("tenant_scope_short", "tenant_scope, preamble shorter than prefix_tokens", short_preamble=True),
+    Variant("tenant_scope_lf2", "tenant_scope, routing.load_factor 2.0 (spills less, balances less)", load_factor=2.0),
+    Variant("tenant_scope_roomy", "tenant_scope, each cache 1.5x larger (41% of all prefixes)", cache_scale=1.5),
 )  # fmt: skip
 SHORT_PREAMBLE_TOKENS = 64
 
@@ -340,8 +343,9 @@ def counters(pool: list[Engine]) -> list[dict[str, Any]]:
     return out
 
 
-def stickiness(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> float | None:
-    """Share of requests served by their scope's busiest engine (1.0: every scope on one engine).
+def stickiness(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> tuple[float, list[int]] | None:
+    """The share of requests served by their scope's main engine (the one that served most of them; 1.0:
+    every scope on one engine), and how many scopes each engine is the main engine of.
 
     Read from the engines' requests per cache salt in the window; meaningless when all tenants share a salt.
     """
@@ -352,7 +356,9 @@ def stickiness(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> flo
     total = sum(sum(counts) for counts in per_scope.values())
     if len(per_scope) < 2 or not total:
         return None
-    return round(sum(max(counts) for counts in per_scope.values()) / total, 4)
+    mains = [counts.index(max(counts)) for counts in per_scope.values()]
+    share = sum(max(counts) for counts in per_scope.values()) / total
+    return round(share, 4), [mains.count(i) for i in range(len(after))]
 
 
 async def offer(
@@ -419,6 +425,7 @@ def summarize(
     queries = [a["queries"] - b["queries"] for a, b in zip(after, before, strict=True)]
     hits = [a["hits"] - b["hits"] for a, b in zip(after, before, strict=True)]
     mean = sum(served) / len(served) if served else 0.0
+    sticky = None if v.scope != "tenant" or v.single else stickiness(before, after)
     statuses: dict[str, int] = {}
     for s in window:
         statuses[str(s.status)] = statuses.get(str(s.status), 0) + 1
@@ -439,7 +446,8 @@ def summarize(
         "max_over_mean": round(max(served) / mean, 3) if mean else None,
         "endpoint_hit_ratio": [round(h / q, 4) if q else 0.0 for h, q in zip(hits, queries, strict=True)],
         "engine_hit_ratio": round(sum(hits) / sum(queries), 4) if sum(queries) else 0.0,
-        "stickiness": None if v.scope != "tenant" or v.single else stickiness(before, after),
+        "stickiness": sticky[0] if sticky else None,
+        "scopes_per_main_engine": sticky[1] if sticky else None,
     }
 
 
@@ -451,6 +459,7 @@ def run_variant(v: Variant, w: Workload, e: Engines, rate: float, tmp: Path) -> 
     preamble = words("preamble", w.preamble_tokens)
     systems = [system_prompt(w, t, preamble) for t in range(w.tenants)]
     e = sized(w, e)
+    e = replace(e, cache_blocks=round(v.cache_scale * e.cache_blocks))
     if v.single:
         e = replace(e, count=1, slots=4 * e.slots, cache_blocks=4 * e.cache_blocks)
     with contextlib.ExitStack() as stack:
@@ -566,7 +575,7 @@ def table(results: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=Workload.seconds)
+    parser.add_argument("--seconds", type=float, default=Workload.seconds, help="the measured window per variant")
     parser.add_argument("--warmup", type=float, default=Workload.warmup_s)
     parser.add_argument("--only", nargs="*", help="run only these variants (placement: the placement checks)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "pools.json")
@@ -580,10 +589,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-pools-") as tmp:
         for v in chosen:
             results[v.name] = run_variant(v, w, e, rate, Path(tmp))
-            print(
-                f"{v.name}: {json.dumps({k: results[v.name][k] for k in ('hit_ratio', 'ttft_ms', 'throughput_rps', 'endpoint_requests')})}",
-                flush=True,
-            )
+            brief = {k: results[v.name][k] for k in ("hit_ratio", "ttft_ms", "throughput_rps", "endpoint_requests")}
+            print(f"{v.name}: {json.dumps(brief)}", flush=True)
         placement = run_placement(e, Path(tmp)) if not args.only or "placement" in args.only else None
     out: dict[str, Any] = {
         "workload": asdict(w),
