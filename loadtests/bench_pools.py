@@ -197,8 +197,8 @@ http {{
 class Engine:
     """One `gateway sim` process and its own counters."""
 
-    def __init__(self, e: Engines, tmp: Path) -> None:
-        self.port = free_port()
+    def __init__(self, e: Engines, tmp: Path, port: int) -> None:
+        self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = start(
             [PY, "-m", "gateway", "sim", "--port", str(self.port), *e.args()], log=tmp / f"sim-{self.port}.log"
@@ -215,8 +215,9 @@ class Engine:
 
 
 @contextlib.contextmanager
-def engines(e: Engines, tmp: Path) -> Iterator[list[Engine]]:
-    started = [Engine(e, tmp) for _ in range(e.count)]
+def engines(e: Engines, tmp: Path, ports: list[int] | None = None) -> Iterator[list[Engine]]:
+    ports = ports or [free_port() for _ in range(e.count)]
+    started = [Engine(e, tmp, port) for port in ports[: e.count]]
     try:
         for engine in started:
             engine.wait()
@@ -451,7 +452,7 @@ def summarize(
     }
 
 
-def run_variant(v: Variant, w: Workload, e: Engines, rate: float, tmp: Path) -> dict[str, Any]:
+def run_variant(v: Variant, w: Workload, e: Engines, rate: float, ports: list[int], tmp: Path) -> dict[str, Any]:
     tmp = tmp / v.name
     tmp.mkdir()
     if v.short_preamble:
@@ -464,7 +465,7 @@ def run_variant(v: Variant, w: Workload, e: Engines, rate: float, tmp: Path) -> 
         e = replace(e, count=1, slots=4 * e.slots, cache_blocks=4 * e.cache_blocks)
     with contextlib.ExitStack() as stack:
         redis_url = stack.enter_context(redis(None))
-        pool = stack.enter_context(engines(e, tmp))
+        pool = stack.enter_context(engines(e, tmp, ports))
         if v.nginx:
             where: dict[str, Any] = {"url": stack.enter_context(nginx_in_front(pool, tmp))}
             capacity = e.count * e.slots
@@ -586,9 +587,12 @@ def main() -> None:
     chosen = [v for v in VARIANTS if not args.only or v.name in args.only]
     started = time.monotonic()
     results: dict[str, Any] = {}
+    # The engines listen on the same ports in every variant: rendezvous hashing ranks endpoints by URL, so every
+    # variant with the same keys meets the same placement (the same draw of scopes per engine).
+    ports = [free_port() for _ in range(e.count)]
     with tempfile.TemporaryDirectory(prefix="bench-pools-") as tmp:
         for v in chosen:
-            results[v.name] = run_variant(v, w, e, rate, Path(tmp))
+            results[v.name] = run_variant(v, w, e, rate, ports, Path(tmp))
             brief = {k: results[v.name][k] for k in ("hit_ratio", "ttft_ms", "throughput_rps", "endpoint_requests")}
             print(f"{v.name}: {json.dumps(brief)}", flush=True)
         placement = run_placement(e, Path(tmp)) if not args.only or "placement" in args.only else None
