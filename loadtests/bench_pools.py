@@ -452,8 +452,11 @@ def summarize(
     }
 
 
-def run_variant(v: Variant, w: Workload, e: Engines, rate: float, ports: list[int], tmp: Path) -> dict[str, Any]:
-    tmp = tmp / v.name
+def run_variant(
+    v: Variant, w: Workload, e: Engines, rate: float, ports: list[int], tmp: Path, draw: int = 0
+) -> dict[str, Any]:
+    """`draw` names the tenants differently, so their scopes' salts, and so their placement, are another draw."""
+    tmp = tmp / f"{v.name}-{draw}"
     tmp.mkdir()
     if v.short_preamble:
         w = replace(w, preamble_tokens=SHORT_PREAMBLE_TOKENS)
@@ -475,7 +478,7 @@ def run_variant(v: Variant, w: Workload, e: Engines, rate: float, ports: list[in
             where, capacity = {"endpoints": [engine.url for engine in pool]}, e.slots
         routing = {"affinity": v.affinity, "load_factor": v.load_factor}
         url = stack.enter_context(gateway(where, capacity, routing, redis_url, tmp / "gw"))
-        keys = tenant_keys(url, [f"t{i}" for i in range(w.tenants)], v.scope)
+        keys = tenant_keys(url, [f"t{i}" if not draw else f"d{draw}t{i}" for i in range(w.tenants)], v.scope)
         sent, before, after = asyncio.run(offer(url, keys, systems, w, rate, pool))
     result = summarize(v, sent, before, after, w)
     result["engines"] = asdict(e)
@@ -579,6 +582,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=Workload.seconds, help="the measured window per variant")
     parser.add_argument("--warmup", type=float, default=Workload.warmup_s)
     parser.add_argument("--only", nargs="*", help="run only these variants (placement: the placement checks)")
+    parser.add_argument(
+        "--draws", type=int, default=1, help="run each tenant-scoped affinity variant with this many sets of tenants"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "pools.json")
     args = parser.parse_args()
     w = Workload(seconds=args.seconds, warmup_s=args.warmup)
@@ -592,9 +598,12 @@ def main() -> None:
     ports = [free_port() for _ in range(e.count)]
     with tempfile.TemporaryDirectory(prefix="bench-pools-") as tmp:
         for v in chosen:
-            results[v.name] = run_variant(v, w, e, rate, ports, Path(tmp))
-            brief = {k: results[v.name][k] for k in ("hit_ratio", "ttft_ms", "throughput_rps", "endpoint_requests")}
-            print(f"{v.name}: {json.dumps(brief)}", flush=True)
+            draws = args.draws if v.affinity == "scope" and v.scope == "tenant" else 1
+            for draw in range(draws):
+                name = v.name if not draw else f"{v.name}_draw{draw}"
+                results[name] = run_variant(v, w, e, rate, ports, Path(tmp), draw)
+                brief = {k: results[name][k] for k in ("hit_ratio", "ttft_ms", "scopes_per_main_engine")}
+                print(f"{name}: {json.dumps(brief)}", flush=True)
         placement = run_placement(e, Path(tmp)) if not args.only or "placement" in args.only else None
     out: dict[str, Any] = {
         "workload": asdict(w),
