@@ -1,7 +1,7 @@
 """How requests are spread over a pool of engines: prefix-cache hits, time to first token and load balance,
 for five ways of routing the same workload.
 
-Usage: .venv/bin/python -m loadtests.bench_pools [--seconds 25] [--only round_robin tenant_scope ...]
+Usage: .venv/bin/python -m loadtests.bench_pools [--seconds 20] [--only round_robin tenant_scope ...] [--draws N]
 
 The workload is shaped like llm-d's prefix-cache benchmark: many tenants, each with a long system prompt of
 its own (the shared prefix of all its requests) and a short unique question per request, streamed chat with
@@ -21,6 +21,11 @@ about a quarter of all tenants' prefixes, and one gateway worker on Redis in fro
   tenant_scope     the default: prefix affinity with each tenant in its own cache scope (ours)
   single_engine    reference: one engine with four times the slots and four times the cache
   *_short          tenant_scope and shared_scope again, with a preamble shorter than `prefix_tokens`
+  tenant_scope_lf2    tenant_scope with `routing.load_factor: 2.0`
+  tenant_scope_roomy  tenant_scope with each engine's cache 1.5x larger
+
+Where rendezvous hashing puts the tenants is a draw (of their salts and the endpoints' URLs); `--draws N`
+runs the tenant-scoped variants with N sets of tenants.
 
 Each variant runs on fresh engines (empty caches): a warm-up, then a measured window. Hit ratio is cached
 prompt tokens over prompt tokens, from the usage of the requests sent in the window; TTFT is measured by
