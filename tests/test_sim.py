@@ -705,3 +705,13 @@ def test_stats_record_requests(sim: SimHandle) -> None:
     assert stats["last_requests"][-1] == chat_body("last")
     assert stats["last_requests"][0]["prompt"] == "p6"
     assert (stats["completed"], stats["active"], stats["cancelled"]) == (56, 0, 0)
+
+
+def test_stats_count_requests_per_cache_salt(sim: SimHandle) -> None:
+    # What a pool's engines tell a benchmark: which cache scopes each one served, and how often.
+    for salt in ("team-a", "team-b", "team-a", None):
+        body = {"model": "m", "prompt": "hello", "max_tokens": 1}
+        post(sim, "/v1/completions", body if salt is None else {**body, "cache_salt": salt})
+    assert sim.stats()["requests_by_cache_salt"] == {"team-a": 2, "team-b": 1}
+    sim.reset()
+    assert sim.stats()["requests_by_cache_salt"] == {}

@@ -471,7 +471,7 @@ class SimApp:
             raise SimError(400, f"Invalid JSON body: {exc}") from None
         if not isinstance(body, dict):
             raise SimError(400, "The request body must be a JSON object.")
-        self.stats.last_requests.append(body)
+        self.stats.body(body)
         return body
 
     def _take_fault(self, path: str) -> Fault | None:

@@ -1,4 +1,4 @@
-"""What the simulator has seen, for tests: request counts, outcomes, and the last request bodies."""
+"""What the simulator has seen, for tests: request counts, outcomes, the cache salts, the last request bodies."""
 
 from __future__ import annotations
 
@@ -32,11 +32,19 @@ class Stats:
         self.dropped = 0
         self.faulted = 0
         self.by_path: Counter[str] = Counter()
+        # Requests per `cache_salt`: which cache scopes an engine of a pool served, and how many of each.
+        self.by_salt: Counter[str] = Counter()
         self.last_requests: deque[Any] = deque(maxlen=LAST_REQUESTS)
 
     def received(self, path: str) -> None:
         self.requests += 1
         self.by_path[path] += 1
+
+    def body(self, body: dict[str, Any]) -> None:
+        salt = body.get("cache_salt")
+        if isinstance(salt, str) and salt:
+            self.by_salt[salt] += 1
+        self.last_requests.append(body)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -48,5 +56,6 @@ class Stats:
             "dropped": self.dropped,
             "faulted": self.faulted,
             "requests_by_path": dict(self.by_path),
+            "requests_by_cache_salt": dict(self.by_salt),
             "last_requests": list(self.last_requests),
         }
