@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import inspect
 import json
 import os
 import platform
@@ -48,6 +49,7 @@ import redis.asyncio as aioredis
 import yaml
 
 from gateway.admission.capacity import parse_engine_metrics
+from gateway.admission.limits import ReplicaLink
 from loadtests import harness
 from loadtests.harness import PY, ROOT
 
@@ -554,6 +556,8 @@ def main() -> None:
             "max_tokens": MAX_TOKENS,
             "config_capacity": CAPACITY,
             "lease_ttl_s": LEASE_TTL_S,
+            # How long a replica that stopped beating still counts as alive (its waiting requests stay queued).
+            "replica_beat_ttl_s": inspect.signature(ReplicaLink).parameters["ttl_s"].default,
             "warmup_s": WARMUP_S,
             "steady_s": args.seconds,
             "sample_s": SAMPLE_S,
