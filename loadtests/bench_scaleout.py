@@ -60,6 +60,8 @@ TTFT_MS, ITL_MS, MAX_TOKENS = 10, 7, 20
 CAPACITY = 64
 LEASE_TTL_S = 10.0
 SAMPLE_S = 0.05
+# A reading of the engine's /metrics that takes longer is skipped: a sample is a moment, not a wait.
+METRICS_TIMEOUT = aiohttp.ClientTimeout(total=1.0)
 WARMUP_S = 3.0
 POOL = "gw:pool:{engine}:"
 REPLICAS, GRANTS = "gw:replicas", "gw:grants:"
@@ -189,6 +191,7 @@ class Sampler:
     def __init__(self, session: aiohttp.ClientSession, engine_url: str, store: aioredis.Redis, t0: float) -> None:
         self.session, self.engine_url, self.store, self.t0 = session, engine_url, store, t0
         self.samples: list[Sample] = []
+        self.missed = 0  # readings that did not answer in time
         # A killed replica: the permits it held at the kill, and the list of grants made to its waiting
         # requests (which nobody pops any more); per sample, how many of those are still held.
         self.dead: tuple[set[bytes], str] | None = None
@@ -197,8 +200,12 @@ class Sampler:
     async def run(self) -> None:
         while True:
             started = time.monotonic()
-            async with self.session.get(self.engine_url + "/metrics") as resp:
-                text = await resp.text()
+            try:
+                async with self.session.get(self.engine_url + "/metrics", timeout=METRICS_TIMEOUT) as resp:
+                    text = await resp.text()
+            except (aiohttp.ClientError, TimeoutError):
+                self.missed += 1
+                continue
             load = parse_engine_metrics(text, started)
             permits = await self.store.zrange(POOL + "permits", 0, -1)
             limits = await self.store.hgetall(POOL + "limits")
@@ -218,10 +225,13 @@ class Sampler:
 async def drain(stack: Stack, store: aioredis.Redis) -> None:
     """Wait until nothing holds a permit and the engine is idle (at most a few seconds)."""
     deadline = time.monotonic() + 5
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
         while time.monotonic() < deadline:
-            async with session.get(stack.engine_url + "/metrics") as resp:
-                load = parse_engine_metrics(await resp.text(), 0.0)
+            try:
+                async with session.get(stack.engine_url + "/metrics", timeout=METRICS_TIMEOUT) as resp:
+                    load = parse_engine_metrics(await resp.text(), 0.0)
+            except (aiohttp.ClientError, TimeoutError):
+                continue
             if await store.zcard(POOL + "permits") == 0 and load is not None and load.running == 0:
                 return
             await asyncio.sleep(0.1)
@@ -252,7 +262,9 @@ async def run_workload(
             connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)
         ) as session:
             t0 = time.monotonic()
-            sampler = Sampler(session, stack.engine_url, store, t0)
+            # Its own connections, one per reading: the clients' pool never delays a sample.
+            readings = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+            sampler = Sampler(readings, stack.engine_url, store, t0)
             tasks = [asyncio.create_task(sampler.run())]
             tasks += [asyncio.create_task(client(session, url, t, t0)) for t in tenants for url in t.clients]
             try:
@@ -263,7 +275,10 @@ async def run_workload(
             finally:
                 for task in tasks:
                     task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                _, stuck = await asyncio.wait(tasks, timeout=10)
+                if stuck:
+                    print(f"  {len(stuck)} tasks did not stop when cancelled", flush=True)
+                await readings.close()
         await drain(stack, store)
     finally:
         await store.aclose()
@@ -384,7 +399,7 @@ async def measure(stack: Stack, seconds: float) -> dict[str, Any]:
             results["fairness"].append({**row, "shares": shares(tenants, lo, hi)})
         else:
             row["solo"] = shares(tenants, lo, hi)
-        results["engine"].append({**row, "engine": engine(sampler.window(lo, hi))})
+        results["engine"].append({**row, "engine": engine(sampler.window(lo, hi)), "missed_readings": sampler.missed})
         print(f"  {name} ({len(stack.urls)} replicas, {placement}) done", flush=True)
 
     for n in (1, 2, 3):
@@ -456,6 +471,7 @@ async def kill_run(stack: Stack, seconds: float) -> dict[str, Any]:
         shares_after=shares(tenants[1:], settle, end),
         engine_after=engine(sampler.window(settle, end)),
         after_window_s=[round(settle, 2), round(end, 2)],
+        missed_readings=sampler.missed,
     )
     info["met"] = (
         info["engine_back_after_s"] is not None
