@@ -242,7 +242,8 @@ async def drain(stack: Stack, store: aioredis.Redis) -> None:
 
 @dataclass
 class Kill:
-    """SIGKILL replica `index` at `at_s` into the run; the run then lasts until `after_s` past recovery."""
+    """SIGKILL replica `index` at `at_s` into the run; the run goes on until the dead replica's permits are
+    all back, then `after_s` more."""
 
     index: int
     at_s: float
