@@ -79,17 +79,22 @@ class Load:
         self.stop = threading.Event()
         self.served: Counter[str] = Counter()
         self.errors: Counter[int] = Counter()
+        self.cut = 0  # clients whose replica went away (they stop)
         self.threads: list[threading.Thread] = []
 
     def client(self, gw: GatewayProc, key: str, tenant: str, tokens: int = 20) -> None:
         def run() -> None:
             with httpx.Client(timeout=60) as http:
                 while not self.stop.is_set():
-                    resp = http.post(
-                        gw.url + "/v1/chat/completions",
-                        headers={"Authorization": f"Bearer {key}"},
-                        json={"model": "m", "messages": MSG, "max_tokens": tokens},
-                    )
+                    try:
+                        resp = http.post(
+                            gw.url + "/v1/chat/completions",
+                            headers={"Authorization": f"Bearer {key}"},
+                            json={"model": "m", "messages": MSG, "max_tokens": tokens},
+                        )
+                    except httpx.TransportError:
+                        self.cut += 1
+                        return
                     if resp.status_code == 200:
                         self.served[tenant] += resp.json()["usage"]["completion_tokens"]
                     else:
@@ -225,3 +230,41 @@ def test_a_killed_replica_gives_its_permits_back_within_a_lease(
     finally:
         doomed.stop()
         permits.close()
+
+
+def test_permits_granted_to_a_dead_replicas_waiting_requests_come_back_at_once(
+    replicas: list[GatewayProc], redis_srv: RedisServer, engine: SimHandle, tmp_path: Path
+) -> None:
+    # A killed replica's waiting requests stay in the shared queue until its beat expires, with the lowest
+    # counters (their tenant is served no more), so free permits keep going to them, onto a grant list nobody
+    # pops. Each must be leased for moments, not for the lease its request asked for (30 s here): otherwise
+    # the engine idles that long while the other replicas' tenants wait.
+    doomed = start_gateway(config(redis_srv, engine, lease_ttl_s=30), tmp_path)
+    doomed_key = tenant_with_key(doomed.url, doomed.admin_key, "doomed-waiting")
+    live_key = tenant_with_key(replicas[0].url, replicas[0].admin_key, "live-waiting")
+    store = redis.Redis.from_url(redis_srv.url)
+    load = Load()
+    for _ in range(8):  # 8 clients each, 4 engine slots: both tenants have requests waiting
+        load.client(doomed, doomed_key, "doomed-waiting")
+        load.client(replicas[0], live_key, "live-waiting")
+    try:
+        time.sleep(1.5)
+        assert doomed.proc.popen is not None
+        pid = doomed.proc.popen.pid
+        replica = next(r.decode() for r in store.zrange("gw:replicas", 0, -1) if f"-{pid}-" in r.decode())
+        os.killpg(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        granted: dict[bytes, float] = {}
+        while time.monotonic() - killed < 4.0:
+            for member in store.lrange(f"gw:grants:{replica}", 0, -1):
+                expiry = store.zscore("gw:pool:{engine}:permits", member)
+                if expiry is not None:
+                    granted[member] = max(granted.get(member, 0.0), expiry - time.time())
+            time.sleep(0.05)
+    finally:
+        load.finish()
+        doomed.stop()
+        store.close()
+    assert granted, "no permit was granted to the dead replica's waiting requests: nothing was tested"
+    assert max(granted.values()) <= 2.5, granted
+    assert not load.errors, load.errors

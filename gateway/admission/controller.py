@@ -262,6 +262,12 @@ class Admission:
         found = self._waiting.get(waiter)
         if found is not None and not found.abandoned and not found.granted.done():
             found.granted.set_result((endpoint, origin))
+            if origin == "redis":
+                # A grant through the list is leased briefly (lua/fairshare.lua, FS_CLAIM_S): claim it for the
+                # full lease, or it comes back to the pool while the request runs.
+                permit = Permit(found.ask.pools[0].pool, endpoint, waiter, origin=origin)
+                claim = asyncio.ensure_future(self._quotas.renew(None, permit, ttl_s=self._lease_ttl))
+                claim.add_done_callback(_log_failure)
             return
         ask = found.ask if found is not None else None
         self._waiting.pop(waiter, None)

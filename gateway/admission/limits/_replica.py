@@ -5,6 +5,10 @@ replica leaves nothing behind but permits, which expire with their leases), and 
 other replicas' releases granted to this replica's waiting requests (`gw:grants:<replica>`, filled by
 lua/fairshare.lua) and hands each to `on_grant(waiter, endpoint, "redis")`.
 
+A replica counts as dead once it has missed a few beats (`ttl_s`, three beats by default): its waiting
+requests would otherwise keep being granted permits that nobody picks up (each such grant is leased only
+briefly until its replica claims it, see lua/fairshare.lua, but the queue keeps granting them).
+
 The list is popped with BLPOP on a connection of its own (it blocks), so a grant reaches its waiter one
 network hop after the release that made it.
 """
@@ -37,7 +41,7 @@ class ReplicaLink:
         *,
         on_lapse: Callable[[], None] | None = None,
         beat_s: float = 1.0,
-        ttl_s: float = 10.0,
+        ttl_s: float = 3.0,
     ) -> None:
         """`blocking` is a redis-py asyncio client without a read timeout (BLPOP waits); `on_lapse` is called
         when this replica's beat had lapsed (its waiting requests may have been dropped)."""

@@ -133,9 +133,16 @@ local function fs_lift(p, tenant, band)
   return counter
 end
 
--- Give a permit at `ep` to a request of `tenant`; returns the tenant's new counter.
-local function fs_grant(p, st, wid, ep, tenant, weight, band, cost, ttl)
-  redis.call('ZADD', p.permits, now + ttl, wid .. '|' .. ep)
+-- A permit granted to a waiting request through its replica's list is held for this long only, until that
+-- replica picks the grant up and renews it for the full lease. A replica that died with requests waiting
+-- keeps counting as alive until its beat expires, and its requests, whose tenant is served no more, have
+-- the lowest counters: without this, each free permit would go to one of them and stay lost for a lease.
+local FS_CLAIM_S = 2
+
+-- Give a permit at `ep` to a request of `tenant`, leased for `lease` seconds (`ttl` if nil); returns the
+-- tenant's new counter.
+local function fs_grant(p, st, wid, ep, tenant, weight, band, cost, ttl, lease)
+  redis.call('ZADD', p.permits, now + (lease or ttl), wid .. '|' .. ep)
   -- Every permit of a pool has the same TTL, so the newest one ends last.
   expire(p.permits, ttl, false)
   redis.call('HINCRBY', p.load, ep, 1)
@@ -212,7 +219,11 @@ local function fs_dispatch(p, st, replicas, grants, self_wid)
             redis.call('LPUSH', p.q .. tenant, entry)
             break
           end
-          local counter = fs_grant(p, st, w.wid, ep, tenant, w.weight, band, w.cost, w.ttl)
+          local lease = nil
+          if w.wid ~= self_wid then
+            lease = math.min(w.ttl, FS_CLAIM_S)
+          end
+          local counter = fs_grant(p, st, w.wid, ep, tenant, w.weight, band, w.cost, w.ttl, lease)
           if redis.call('LLEN', p.q .. tenant) > 0 then
             redis.call('ZADD', p.bl .. band, counter, tenant)
           else
