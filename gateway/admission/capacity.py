@@ -15,8 +15,8 @@ load, read every `capacity.interval_s`:
   are fresh again; after `stale_fallback_s` the endpoint is governed by latency instead.
 - Engines without those metrics (other OpenAI-compatible servers) get a latency-driven limit in the manner
   of Netflix's Gradient2, starting from the configured `capacity`: the limit shrinks as the time a request
-  holds its permit, per token generated, rises above its long-run level, and grows back by a small
-  allowance while it does not.
+  holds its permit, per token generated, rises well above its long-run level (1.5x), and grows back by a
+  small allowance while it binds; while less than half of it is in use it is left alone (`gradient2`).
 - `capacity_mode: fixed` backends, and hosted providers (`kind: litellm`), get their configured `capacity`.
 
 The configured `capacity` is always the ceiling, and 1 the floor. An endpoint that is down or ejected gets
@@ -43,13 +43,30 @@ from gateway.config import BackendConfig, CapacityConfig
 from gateway.telemetry.metrics import Metrics
 from gateway.upstream.backends import Backend, BackendPool, Endpoint
 
-__all__ = ["CapacityControl", "EngineLoad", "parse_engine_metrics"]
+__all__ = ["CapacityControl", "EngineLoad", "gradient2", "parse_engine_metrics"]
 
 log = logging.getLogger("gateway.capacity")
 
 # Limits a pool's shared state keeps if nobody refreshes them (the leader writes them every interval).
 LIMITS_TTL_S = 3600.0
 GROWTH = 0.25
+# Gradient2: how much slower than its long-run level a request may run before the limit shrinks.
+TOLERANCE = 1.5
+
+
+def gradient2(limit: float, short_s: float, long_s: float, *, held: int, binding: bool) -> float:
+    """One step of the latency-driven limit (Netflix concurrency-limits' Gradient2).
+
+    While fewer than half the permits are in use the limit is left alone: latency then says nothing about
+    the limit (the load is set by the callers, and a busy gateway process slows its own timings), and a
+    limit that shrank on noise would never grow back. Otherwise it shrinks as the short-run time per token
+    rises above `TOLERANCE` x its long-run level (by half at most per step), and grows by sqrt(limit) while
+    it binds, smoothed by 0.2."""
+    if held < limit / 2:
+        return limit
+    gradient = max(0.5, min(1.0, TOLERANCE * long_s / short_s))
+    allowance = math.sqrt(limit) if binding else 0.0
+    return 0.8 * limit + 0.2 * (limit * gradient + allowance)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +241,7 @@ class CapacityControl:
             else:
                 self._from_engine(control, control.load, binding)
         elif control.short_s is not None and control.long_s is not None:
-            self._from_latency(control, binding)
+            control.limit = gradient2(control.limit, control.short_s, control.long_s, held=held, binding=binding)
         control.limit = min(float(config.capacity), max(1.0, control.limit))
         return math.floor(control.limit)
 
@@ -244,13 +261,6 @@ class CapacityControl:
             else:
                 # At the known capacity with nothing waiting inside: probe one more, now and then.
                 control.limit += 1.0 / max(1.0, control.limit)
-
-    def _from_latency(self, control: _Control, binding: bool) -> None:
-        assert control.short_s is not None and control.long_s is not None
-        gradient = max(0.5, min(1.0, control.long_s / control.short_s))
-        allowance = math.sqrt(control.limit) if binding else 0.0
-        target = control.limit * gradient + allowance
-        control.limit = 0.8 * control.limit + 0.2 * target
 
     def _export(self, backend: Backend, limits: dict[str, int], held: dict[str, int], waiting: int, total: int) -> None:
         m = self._metrics
