@@ -83,7 +83,7 @@ class RoutingConfig(_Frozen):
 
     # `scope`: requests whose prompts share a prefix within one cache scope go to the same endpoint (where
     # that prefix is cached), each endpoint holding an even share of the pool's prefixes, spilling when it
-    # is loaded beyond `load_factor` x the pool's mean; separate scopes never share an endpoint's cache.
+    # is loaded beyond `load_factor` x the pool's mean; separate scopes never share a prefix's placement.
     # `none`: the least loaded endpoint.
     affinity: Literal["scope", "none"] = "scope"
     # How much of the prompt's beginning identifies its prefix (in tokens of ~4 characters), in blocks of
