@@ -82,14 +82,18 @@ class RoutingConfig(_Frozen):
     """How a request picks an endpoint of a pool."""
 
     # `scope`: requests whose prompts share a prefix within one cache scope go to the same endpoint (where
-    # that prefix is cached), spilling when it is loaded beyond `load_factor` x the pool's mean; separate
-    # scopes never influence each other. `none`: the least loaded endpoint.
+    # that prefix is cached), each endpoint holding an even share of the pool's prefixes, spilling when it
+    # is loaded beyond `load_factor` x the pool's mean; separate scopes never share a prefix's placement.
+    # `none`: the least loaded endpoint.
     affinity: Literal["scope", "none"] = "scope"
     # How much of the prompt's beginning identifies its prefix (in tokens of ~4 characters), in blocks of
     # `block_tokens` (the engine's KV block size).
     prefix_tokens: int = Field(default=256, ge=16, le=65536)
     block_tokens: int = Field(default=16, ge=1, le=1024)
     load_factor: float = Field(default=1.25, ge=1.0, le=10.0)
+    # A prefix keeps its endpoint while requests use it; after this long without one it is forgotten, and
+    # its place counts no more toward its endpoint's share of the pool's prefixes.
+    affinity_ttl_s: float = Field(default=300.0, gt=0, le=86400)
 
 
 class BackendConfig(_Frozen):

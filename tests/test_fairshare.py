@@ -60,6 +60,8 @@ class Harness:
         depth: int | None = None,
         pools: tuple[PoolAsk, ...] | None = None,
         spill: bool = False,
+        key: str = "",
+        key_ttl: float = 300.0,
     ) -> PlaceAsk:
         return PlaceAsk(
             waiter=uuid.uuid4().hex[:16],
@@ -67,7 +69,7 @@ class Harness:
             weight=weight,
             band=band,
             cost=cost,
-            pools=pools or (PoolAsk(self.pool, ranking),),
+            pools=pools or (PoolAsk(self.pool, ranking, key, key_ttl),),
             lease_ttl_s=TTL,
             spill=spill,
             max_queue_depth=depth,
@@ -241,6 +243,83 @@ async def test_an_endpoint_at_its_limit_or_down_takes_nothing(fs: Harness) -> No
     assert (await fs.place(fs.ask(tenant(), ranking=("e1", "e2"), factor=1.25))).place == "queued"
 
 
+# Affinity keys: four endpoints, and rankings that all put e1 first (the worst a hash can draw).
+FOUR = {"e1": 100, "e2": 100, "e3": 100, "e4": 100}
+E1_FIRST = (("e1", "e2", "e3", "e4"), ("e1", "e3", "e4", "e2"), ("e1", "e4", "e2", "e3"), ("e1", "e2", "e4", "e3"))
+
+
+async def place_key(fs: Harness, key: str, ranking: tuple[str, ...], key_ttl: float = 300.0) -> str:
+    """Where one request with `key` goes (its permit given back at once, so load never binds)."""
+    ask = fs.ask(tenant(), ranking=ranking, factor=1.25, key=key, key_ttl=key_ttl)
+    permit = granted(await fs.place(ask))
+    assert await fs.release(ask, permit)
+    return permit.endpoint
+
+
+async def test_affinity_keys_spread_evenly_and_stay(fs: Harness) -> None:
+    await fs.capacity(FOUR)
+    keys = [f"{i:016x}" for i in range(32)]
+    first = {k: await place_key(fs, k, E1_FIRST[i % 4]) for i, k in enumerate(keys)}
+    # Every ranking prefers e1, yet each endpoint holds an even share of the keys: 8 of 32.
+    assert sorted(list(first.values()).count(e) for e in FOUR) == [8, 8, 8, 8]
+    # And each key stays where it was put.
+    for i, k in enumerate(keys):
+        assert await place_key(fs, k, E1_FIRST[i % 4]) == first[k]
+
+
+async def test_an_unused_key_expires_and_frees_its_place(fs: Harness) -> None:
+    await fs.capacity(FOUR)
+    keys = [f"{i:016x}" for i in range(4)]
+    placed = [await place_key(fs, k, E1_FIRST[0], key_ttl=60.0) for k in keys]
+    assert placed == ["e1", "e2", "e3", "e4"]
+    fs.clock.advance(50.0)
+    for k in keys[1:]:  # used again: they stay
+        await place_key(fs, k, E1_FIRST[0], key_ttl=60.0)
+    fs.clock.advance(20.0)  # the first key's 60 s are up, the others' are not
+    # A new key that prefers e2: e2, e3 and e4 hold their share (1 of 3 + 1 keys), e1 holds none now.
+    assert await place_key(fs, "ff" * 8, ("e2", "e3", "e4", "e1"), key_ttl=60.0) == "e1"
+    # The first key comes back as a new one: it goes where there is room, not necessarily where it was.
+    assert await place_key(fs, keys[0], ("e2", "e3", "e4", "e1"), key_ttl=60.0) == "e2"
+
+
+async def test_a_key_whose_endpoint_left_is_reassigned_and_stays(fs: Harness) -> None:
+    await fs.capacity(FOUR)
+    assert await place_key(fs, "aa" * 8, E1_FIRST[0]) == "e1"
+    await fs.capacity({**FOUR, "e1": 0})
+    assert await place_key(fs, "aa" * 8, E1_FIRST[0]) == "e2"
+    await fs.capacity(FOUR)
+    # e1 is back, but the key's prefix is cached at e2 now: it stays there.
+    assert await place_key(fs, "aa" * 8, E1_FIRST[0]) == "e2"
+    # And its old place was given back: the next key takes e1.
+    assert await place_key(fs, "bb" * 8, E1_FIRST[0]) == "e1"
+
+
+async def test_a_request_beyond_bounds_spills_without_moving_its_key(fs: Harness) -> None:
+    await fs.capacity({"e1": 1, "e2": 10})
+    key = "cc" * 8
+    holder = fs.ask(tenant(), ranking=("e1", "e2"), factor=1.25, key=key)
+    held = granted(await fs.place(holder))
+    assert held.endpoint == "e1"
+    spilled = fs.ask(tenant(), ranking=("e1", "e2"), factor=1.25, key=key)
+    assert granted(await fs.place(spilled)).endpoint == "e2"  # e1 is at its limit: this one request spills
+    await fs.release(holder, held)
+    assert await place_key(fs, key, ("e1", "e2")) == "e1"  # the key did not move
+
+
+async def test_a_queued_request_goes_where_its_key_is(fs: Harness) -> None:
+    await fs.capacity({"e1": 1, "e2": 1})
+    assert await place_key(fs, "dd" * 8, ("e1", "e2")) == "e1"
+    assert await place_key(fs, "ee" * 8, ("e1", "e2")) == "e2"
+    a = fs.ask(tenant(), ranking=("e1", "e2"), factor=1.25, key="dd" * 8)
+    b = fs.ask(tenant(), ranking=("e1", "e2"), factor=1.25, key="ee" * 8)
+    pa, pb = granted(await fs.place(a)), granted(await fs.place(b))
+    assert (pa.endpoint, pb.endpoint) == ("e1", "e2")
+    waiting = fs.ask(tenant(), ranking=("e1", "e2"), factor=1.25, key="ee" * 8)
+    assert (await fs.place(waiting)).place == "queued"
+    await fs.release(b, pb)
+    assert await fs.grants() == [(waiting.waiter, "e2")]
+
+
 async def test_expired_permits_of_a_crashed_holder_come_back(fs: Harness) -> None:
     await fs.capacity({"e1": 1})
     granted(await fs.place(fs.ask(tenant())))  # its holder never releases it
@@ -344,3 +423,26 @@ async def test_one_replica_leads_a_pool_until_it_stops_asking(redis_server: Redi
 def test_the_entry_format_is_the_scripts() -> None:
     ask = PlaceAsk("w1", "acme", 2.0, 1, 30.0, (PoolAsk("p", ("http://a:1", "http://b:2")),), 30.0, load_factor=1.25)
     assert ask.entry("r9") == "w1|r9|acme|2.0|1|30.0|30.0|1.25|http://a:1,http://b:2"
+    keyed = PoolAsk("p", ("http://a:1", "http://b:2"), "0a1b", 300)
+    assert keyed.routing() == "#0a1b@300.0,http://a:1,http://b:2"
+
+
+async def test_replicas_agree_on_where_a_key_is(redis_server: RedisServer) -> None:
+    clock = FakeClock()
+    client = PipelinedRedis.from_url(redis_server.url, timeout_s=2.0)
+    try:
+        a = Harness(RedisQuotaStore(client, clock=clock, replica="ka"), clock, client)
+        b = Harness(RedisQuotaStore(client, clock=clock, replica="kb"), clock, client)
+        b.pool = a.pool
+        await a.capacity(FOUR)
+        keys = [f"{i:016x}" for i in range(16)]
+        through_a = [await place_key(a, k, E1_FIRST[i % 4]) for i, k in enumerate(keys)]
+        through_b = [await place_key(b, k, E1_FIRST[i % 4]) for i, k in enumerate(keys)]
+        assert through_a == through_b and sorted(through_a.count(e) for e in FOUR) == [4, 4, 4, 4]
+        # Every key of the table has a TTL, so nothing outlives its use.
+        prefix = a.store.pool_prefix(a.pool)
+        for name in ("aff", "affz", "affn"):
+            ttl = await client.execute_command("PTTL", prefix + name)
+            assert 0 < int(ttl) <= 301_000
+    finally:
+        await client.aclose()

@@ -481,8 +481,9 @@ class Admission:
                 placement._scope_salt, placement.model.upstream_name, prefix, routing.block_tokens * CHARS_PER_TOKEN
             )
             if key is not None:
-                placement._scope_salt = placement._scope_salt  # (kept for a move to another pool)
-                return PoolAsk(candidate.backend.name, tuple(rank(key, endpoints)))
+                return PoolAsk(
+                    candidate.backend.name, tuple(rank(key, endpoints)), key[:8].hex(), routing.affinity_ttl_s
+                )
         return PoolAsk(candidate.backend.name, tuple(endpoints))
 
     async def _placed(

@@ -1,4 +1,4 @@
-"""Prefix affinity within a cache scope: which endpoint of a pool a request prefers, with no shared state.
+"""Prefix affinity within a cache scope: a request's affinity key and its order of preference of endpoints.
 
 A prompt's prefix lives in the prefix cache of the engine that served it last. Requests that share a
 prefix should go to that engine; but only within one cache scope, because the engines' caches are salted
@@ -8,12 +8,17 @@ that scope's traffic pattern into this one's placement.
 So a request's *affinity key* is a hash of its scope's salt, the model and the first `prefix_tokens` of its
 prompt text (cut at a `block_tokens` boundary, about 4 characters a token, as the engine's KV blocks cut
 it). Endpoints are ranked by rendezvous hashing (highest random weight, Thaler and Ravishankar 1998) of
-that key: every gateway replica computes the same order from the same endpoint list, with no state to
-share, and an endpoint joining or leaving moves only the keys it wins or held. The fair queue then takes
-the first endpoint of the ranking whose load stays within a factor of the pool's mean (bounded load), so a
-hot prefix spills to its second choice instead of piling up.
+that key: every gateway replica computes the same order from the same endpoint list.
 
-Separate scopes never influence each other's placement: their keys are independent hashes.
+The ranking is a preference, not the placement. The fair queue (lua/fairshare.lua, `fs_choose`) keeps a
+table of key -> endpoint per pool: a new key goes to the first endpoint of its ranking that holds fewer
+than an even share of the pool's keys, and stays there while used (until `routing.affinity_ttl_s` without
+a request); a request whose endpoint is loaded beyond a factor of the pool's mean spills alone, and its
+key stays. Hashing alone spreads keys unevenly (32 keys on 4 endpoints: the fullest usually gets 10 or
+more), so engines whose caches hold a quarter of the prefixes would thrash while others idle.
+
+Separate scopes never share a key: their keys are independent hashes. They share only the count of keys
+each endpoint holds, which decides where a new key lands and says nothing of which prefixes are where.
 """
 
 from __future__ import annotations

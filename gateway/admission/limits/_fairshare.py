@@ -5,12 +5,15 @@ Per pool: permits (held by requests at one endpoint, with a lease), each endpoin
 tenant's weighted virtual token counter, and the waiting requests per tenant within priority bands. A
 free permit goes to the highest band, then to the lowest counter; counters grow by cost / weight at
 dispatch and are corrected at release; a tenant that starts waiting is lifted to the lowest counter among
-those waiting in its band (or to its band's last dispatched counter). No method awaits: each call is
+those waiting in its band (or to its band's last dispatched counter). Each affinity key (a prefix within
+its cache scope) stays on the endpoint it was assigned, while used, and keys are assigned evenly (see
+`_choose`). No method awaits: each call is
 atomic on the event loop. Grants to waiting requests are handed to `on_grant(waiter, endpoint)`.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections import deque
@@ -34,6 +37,23 @@ class _Waiting:
     ttl: float
     factor: float
     ranking: tuple[str, ...]
+    key: str
+    key_ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Note:
+    """What to record of a granted request's affinity key (see `_remember`)."""
+
+    key: str
+    ttl: float
+    endpoint: str | None = None
+    assign: bool = False
+    old: str | None = None
+
+
+# At most this many expired affinity keys are dropped per call (as lua/fairshare.lua's FS_AFF_TRIM).
+_AFF_TRIM = 16
 
 
 @dataclass(slots=True)
@@ -46,6 +66,13 @@ class _Pool:
     # band -> tenant -> counter (while it waits); insertion order breaks ties, like the zset's member order
     backlog: dict[int, dict[str, float]] = field(default_factory=dict)
     queues: dict[str, deque[_Waiting]] = field(default_factory=dict)
+    # Affinity keys: key -> endpoint, key -> expiry, endpoint -> keys; `expiries` is a heap of (expiry, key)
+    # that may hold stale entries (an entry counts only while it matches `key_expiry`), so the oldest keys
+    # come first, in the zset's order (score, then name).
+    assigned: dict[str, str] = field(default_factory=dict)
+    key_expiry: dict[str, float] = field(default_factory=dict)
+    key_counts: dict[str, int] = field(default_factory=dict)
+    expiries: list[tuple[float, str]] = field(default_factory=list)
 
     @property
     def limit(self) -> int:
@@ -78,12 +105,13 @@ class LocalFairShare:
             if i > 0 and not ask.spill:
                 break
             if not _waiting(pool) and pool.free() > 0:
-                endpoint = _choose(pool, pool_ask.ranking, ask.load_factor)
+                endpoint, note = _choose(pool, pool_ask.ranking, ask.load_factor, pool_ask.key, pool_ask.key_ttl_s)
                 if endpoint is not None:
                     if commit:
                         self._grant(
                             pool, ask.waiter, endpoint, ask.tenant, ask.weight, ask.band, ask.cost, ask.lease_ttl_s, now
                         )
+                        _remember(pool, note, now)
                     return "granted", Permit(pool_ask.pool, endpoint, ask.waiter), 0, 0
         first, first_ask = pools[0], ask.pools[0]
         queue = first.queues.get(ask.tenant)
@@ -93,7 +121,16 @@ class LocalFairShare:
         if not commit:
             return "queued", None, 0, 0
         waiting = _Waiting(
-            ask.waiter, ask.tenant, ask.weight, ask.band, ask.cost, ask.lease_ttl_s, ask.load_factor, first_ask.ranking
+            ask.waiter,
+            ask.tenant,
+            ask.weight,
+            ask.band,
+            ask.cost,
+            ask.lease_ttl_s,
+            ask.load_factor,
+            first_ask.ranking,
+            first_ask.key,
+            first_ask.key_ttl_s,
         )
         self._enqueue(first, waiting)
         mine = self._dispatch(first, now, ask.waiter)
@@ -164,6 +201,7 @@ class LocalFairShare:
 
     @staticmethod
     def _purge(pool: _Pool, now: float) -> None:
+        _forget(pool, now)
         expired = [m for m, expiry in pool.permits.items() if expiry <= now]
         for member in expired:
             del pool.permits[member]
@@ -226,11 +264,12 @@ class LocalFairShare:
             tenant = min(waiting, key=lambda t: (waiting[t], t))
             queue = pool.queues[tenant]
             head = queue[0]
-            endpoint = _choose(pool, head.ranking, head.factor)
+            endpoint, note = _choose(pool, head.ranking, head.factor, head.key, head.key_ttl)
             if endpoint is None:
                 break
             queue.popleft()
             counter = self._grant(pool, head.waiter, endpoint, tenant, head.weight, band, head.cost, head.ttl, now)
+            _remember(pool, note, now)
             if queue:
                 waiting[tenant] = counter
             else:
@@ -246,15 +285,47 @@ def _waiting(pool: _Pool) -> bool:
     return bool(pool.backlog)
 
 
-def _choose(pool: _Pool, ranking: tuple[str, ...], factor: float) -> str | None:
+def _choose(
+    pool: _Pool, ranking: tuple[str, ...], factor: float, key: str, key_ttl: float
+) -> tuple[str | None, _Note | None]:
+    """Where a granted request goes, and what to record of its key: fs_choose in lua/fairshare.lua, which
+    says why."""
     n = len(pool.limits)
     if factor > 0 and n:
         bound = math.ceil(factor * (pool.held + 1) / n)
-        for endpoint in ranking:
+
+        def fits(endpoint: str) -> bool:
             limit = pool.limits.get(endpoint)
             load = pool.load.get(endpoint, 0)
-            if limit is not None and load < limit and load + 1 <= bound:
-                return endpoint
+            return limit is not None and load < limit and load + 1 <= bound
+
+        note = None
+        if key:
+            held = pool.assigned.get(key)
+            if held is not None and pool.limits.get(held, 0) > 0:
+                note = _Note(key, key_ttl, held)
+                if fits(held) and held in ranking:
+                    return held, note
+            else:
+                alive = [e for e, limit in pool.limits.items() if limit > 0]
+                keys = sum(pool.key_counts.get(e, 0) for e in alive)
+                share = math.ceil((keys + 1) / max(len(alive), 1))
+                note = _Note(key, key_ttl, old=held)
+                for endpoint in ranking:
+                    if pool.limits.get(endpoint, 0) > 0 and pool.key_counts.get(endpoint, 0) < share:
+                        if fits(endpoint):
+                            return endpoint, _Note(key, key_ttl, endpoint, True, held)
+                        if note.endpoint is None:
+                            note = _Note(key, key_ttl, endpoint, True, held)
+        for endpoint in ranking:
+            if fits(endpoint):
+                return endpoint, note
+        best = _least(pool, ranking)
+        return best, note if best is not None else None
+    return _least(pool, ranking), None
+
+
+def _least(pool: _Pool, ranking: tuple[str, ...]) -> str | None:
     best, best_share = None, 0.0
     for endpoint in ranking:
         limit = pool.limits.get(endpoint)
@@ -264,3 +335,41 @@ def _choose(pool: _Pool, ranking: tuple[str, ...], factor: float) -> str | None:
             if best is None or share < best_share:
                 best, best_share = endpoint, share
     return best
+
+
+def _uncount(pool: _Pool, endpoint: str) -> None:
+    count = pool.key_counts.get(endpoint, 0) - 1
+    if count <= 0:
+        pool.key_counts.pop(endpoint, None)
+    else:
+        pool.key_counts[endpoint] = count
+
+
+def _remember(pool: _Pool, note: _Note | None, now: float) -> None:
+    if note is None or note.endpoint is None:
+        return
+    if note.assign:
+        pool.assigned[note.key] = note.endpoint
+        pool.key_counts[note.endpoint] = pool.key_counts.get(note.endpoint, 0) + 1
+        if note.old is not None:
+            _uncount(pool, note.old)
+    expiry = now + note.ttl
+    pool.key_expiry[note.key] = expiry
+    heapq.heappush(pool.expiries, (expiry, note.key))
+    if len(pool.expiries) > 2 * len(pool.key_expiry) + 64:
+        pool.expiries = [(e, k) for k, e in pool.key_expiry.items()]
+        heapq.heapify(pool.expiries)
+
+
+def _forget(pool: _Pool, now: float) -> None:
+    dropped = 0
+    heap = pool.expiries
+    while heap and heap[0][0] <= now and dropped < _AFF_TRIM:
+        expiry, key = heapq.heappop(heap)
+        if pool.key_expiry.get(key) != expiry:
+            continue  # refreshed since (a newer entry stands for it) or already gone
+        del pool.key_expiry[key]
+        endpoint = pool.assigned.pop(key, None)
+        if endpoint is not None:
+            _uncount(pool, endpoint)
+        dropped += 1

@@ -296,7 +296,7 @@ class RedisQuotaStore:
             self.grants_prefix,
         ]
         for pool in place.pools:
-            args += [self.pool_prefix(pool.pool), ",".join(pool.ranking)]
+            args += [self.pool_prefix(pool.pool), pool.routing()]
         return args
 
     async def settle(

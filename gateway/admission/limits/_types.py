@@ -127,10 +127,24 @@ class RateHeaders:
 @dataclass(frozen=True, slots=True)
 class PoolAsk:
     """A backend pool a request may run in, with the endpoints that may serve it there, in its order of
-    preference (with no preference, the least loaded of them serves)."""
+    preference (with no preference, the least loaded of them serves).
+
+    `key` names the request's prefix within its cache scope (a short hex string; empty when the prompt is
+    too short to have one): the pool keeps each key on one endpoint while it is used, and forgets it after
+    `key_ttl_s` without a request.
+    """
 
     pool: str
     ranking: tuple[str, ...] = ()
+    key: str = ""
+    key_ttl_s: float = 300.0
+
+    def routing(self) -> str:
+        """The ranking as the fair-queue script reads it: led by "#<key>@<key TTL>" when there is a key."""
+        endpoints = ",".join(self.ranking)
+        if not self.key:
+            return endpoints
+        return f"#{self.key}@{float(self.key_ttl_s)!r},{endpoints}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +183,7 @@ class PlaceAsk:
                 repr(float(self.cost)),
                 repr(float(self.lease_ttl_s)),
                 repr(float(self.load_factor)),
-                ",".join(first.ranking),
+                first.routing(),
             )
         )
 

@@ -20,7 +20,8 @@
 --   ARGV[b+10] 1 to spill to a later pool with a free permit rather than wait   ARGV[b+11] load factor
 --   ARGV[b+12] replicas key   ARGV[b+13] grant lists' key prefix
 --   then per pool: its key prefix and the endpoints that may serve the request there, in its order of
---   preference (comma separated); a load factor of 0 means no preference (the least loaded serves).
+--   preference (comma separated, led by "#<affinity key>@<affinity TTL>" when the request has one, see
+--   fs_choose); a load factor of 0 means no preference (the least loaded serves).
 -- The request takes a free permit of the first pool (or, spilling, of a later one) when nobody waits
 -- there; otherwise it waits in the first pool's queue, unless the tenant's queue is full, which refuses
 -- the whole admission ('queue_full') and reserves nothing. With no scopes (a tenant without quotas) only
@@ -186,9 +187,9 @@ if reason == nil and npools > 0 then
       break
     end
     if not fs_waiting(pool.p) and fs_free(pool.st) > 0 then
-      local ep = fs_choose(pool.st, pool.ranking, fs.factor)
+      local ep, note = fs_choose(pool.p, pool.st, pool.ranking, fs.factor)
       if ep then
-        fs.choice, fs.ep = i, ep
+        fs.choice, fs.ep, fs.note = i, ep, note
         break
       end
     end
@@ -244,6 +245,7 @@ if allowed and fs then
   if fs.choice then
     local pool = fs.pools[fs.choice]
     fs_grant(pool.p, pool.st, fs.wid, fs.ep, fs.tenant, fs.weight, fs.band, fs.cost, fs.ttl)
+    fs_remember(pool.p, fs.note)
     place, place_pool, place_ep = 'granted', fs.choice, fs.ep
   else
     local first = fs.pools[1]

@@ -12,13 +12,17 @@
 --   P..'bands'    zset  priority bands that have waiting requests (score = band)
 --   P..'bl:'..b   zset  tenant -> counter, for the tenants with waiting requests in band b
 --   P..'q:'..t    list  tenant t's waiting requests, oldest first
+--   P..'aff'      hash  affinity key -> the endpoint it is assigned to
+--   P..'affz'     zset  affinity key -> when it expires (its last request + the affinity TTL)
+--   P..'affn'     hash  endpoint -> affinity keys assigned to it
 -- and two keys shared by all pools: the live replicas (zset replica -> heartbeat expiry) and, per replica,
 -- a list its grant listener pops: "<waiter id>|<endpoint>" for each waiting request granted a permit.
 --
 -- A waiting request is one string, kept as is by its replica (to cancel it):
 --   "<waiter id>|<replica>|<tenant>|<weight>|<band>|<cost>|<lease ttl>|<load factor>|<endpoints>"
 -- where cost is the VTC charge estimated at dispatch (input + 2 x output tokens, before the weight) and
--- endpoints (comma separated) are those that may serve it, in its order of preference.
+-- endpoints (comma separated) are those that may serve it, in its order of preference, led by
+-- "#<affinity key>@<affinity TTL>" when the request has a prefix to keep together (see fs_choose).
 --
 -- Fairness: a free permit goes to the highest band with waiters, then to the tenant with the lowest
 -- counter in it; its counter grows by cost / weight at dispatch and is corrected by the actual usage at
@@ -31,14 +35,42 @@ local function fs_keys(prefix)
     permits = prefix .. 'permits', load = prefix .. 'load', limits = prefix .. 'limits',
     vtc = prefix .. 'vtc', last = prefix .. 'last', bands = prefix .. 'bands',
     bl = prefix .. 'bl:', q = prefix .. 'q:',
+    aff = prefix .. 'aff', affz = prefix .. 'affz', affn = prefix .. 'affn',
   }
 end
 
 -- How long a pool's loads and counters outlive the last capacity update (a pool nobody serves any more).
 local FS_STATE_TTL_S = 86400
+-- At most this many expired affinity keys are dropped per call, so a call's cost stays bounded; a pool
+-- that sees requests drops them faster than they expire.
+local FS_AFF_TRIM = 16
+
+-- Take a key off its endpoint's count (a count that reaches zero leaves the hash).
+local function fs_uncount(p, ep)
+  if redis.call('HINCRBY', p.affn, ep, -1) <= 0 then
+    redis.call('HDEL', p.affn, ep)
+  end
+end
+
+-- Affinity keys nobody asked for during their TTL give their place back (the oldest first, a few a call).
+local function fs_forget(p)
+  local stale = redis.call('ZRANGEBYSCORE', p.affz, '-inf', now, 'LIMIT', 0, FS_AFF_TRIM)
+  if #stale == 0 then
+    return
+  end
+  for _, key in ipairs(stale) do
+    local ep = redis.call('HGET', p.aff, key)
+    if ep then
+      fs_uncount(p, ep)
+    end
+  end
+  redis.call('HDEL', p.aff, unpack(stale))
+  redis.call('ZREM', p.affz, unpack(stale))
+end
 
 -- Permits of crashed or stalled holders come back here: each carries its endpoint, whose load drops.
 local function fs_purge(p)
+  fs_forget(p)
   local expired = redis.call('ZRANGEBYSCORE', p.permits, '-inf', now)
   if #expired == 0 then
     return
@@ -51,6 +83,7 @@ local function fs_purge(p)
   end
   redis.call('ZREMRANGEBYSCORE', p.permits, '-inf', now)
 end
+
 
 -- The pool as it stands: its endpoints with their limit and load, and the totals.
 local function fs_state(p)
@@ -80,20 +113,8 @@ local function fs_free(st)
   return st.limit - st.load
 end
 
--- Where a granted request goes, among the endpoints that may serve it (`ranking`, in its order of
--- preference): with a load factor, the first whose load stays within `factor` times the pool's mean and
--- under its own limit (bounded-load consistent hashing, Mirrokni, Thorup and Zadimoghaddam 2018); failing
--- that, or with factor 0 (no affinity), the one with the most room relative to its limit.
-local function fs_choose(st, ranking, factor)
-  if factor > 0 and st.n > 0 then
-    local bound = math.ceil(factor * (st.load + 1) / st.n)
-    for ep in string.gmatch(ranking, '[^,]+') do
-      local e = st.eps[ep]
-      if e and e.load < e.limit and e.load + 1 <= bound then
-        return ep
-      end
-    end
-  end
+-- The endpoint of `ranking` with the most room relative to its limit.
+local function fs_least(st, ranking)
   local best, best_share = nil, nil
   for ep in string.gmatch(ranking, '[^,]+') do
     local e = st.eps[ep]
@@ -105,6 +126,98 @@ local function fs_choose(st, ranking, factor)
     end
   end
   return best
+end
+
+-- Where a granted request goes, among the endpoints that may serve it (`ranking`, in its order of
+-- preference). With a load factor, an endpoint is within bounds while its load stays under its limit and
+-- within `factor` times the pool's mean (bounded load, Mirrokni, Thorup and Zadimoghaddam 2018).
+--
+-- A request with an affinity key (its prefix within its cache scope) goes where that key is assigned, if
+-- that endpoint is within bounds. A key not assigned yet (or whose endpoint left the pool) is assigned to
+-- the first endpoint of its ranking that holds fewer than an even share of the pool's keys,
+-- ceil((keys + 1) / endpoints), preferring one within bounds: keys spread evenly, as consistent hashing
+-- with bounded loads does, but counted in keys (prefixes to cache) rather than in requests, and they stay
+-- where they are. A request whose key's endpoint is beyond bounds spills alone, as a request without a key
+-- goes: to the first endpoint of its ranking within bounds; the key stays where it is.
+--
+-- Failing all that, or with factor 0 (no affinity), the endpoint with the most room relative to its limit.
+-- Returns the endpoint and what to record of the key once the request is granted (fs_remember), or nil.
+local function fs_choose(p, st, ranking, factor)
+  local key, key_ttl, rest = string.match(ranking, '^#([^@]*)@([^,]*),?(.*)$')
+  if key then
+    ranking = rest
+  end
+  if factor > 0 and st.n > 0 then
+    local bound = math.ceil(factor * (st.load + 1) / st.n)
+    local function fits(ep)
+      local e = st.eps[ep]
+      return e ~= nil and e.load < e.limit and e.load + 1 <= bound
+    end
+    local note = nil
+    if key then
+      note = {key = key, ttl = tonumber(key_ttl)}
+      local held = redis.call('HGET', p.aff, key)
+      local e = held and st.eps[held]
+      if e and e.limit > 0 then
+        note.ep = held
+        if fits(held) and string.find(',' .. ranking .. ',', ',' .. held .. ',', 1, true) then
+          return held, note
+        end
+      else
+        note.old = held or nil
+        local counts, keys, alive = {}, 0, 0
+        local flat = redis.call('HGETALL', p.affn)
+        for i = 1, #flat, 2 do
+          counts[flat[i]] = tonumber(flat[i + 1])
+        end
+        for _, ep in ipairs(st.order) do
+          if st.eps[ep].limit > 0 then
+            alive = alive + 1
+            keys = keys + (counts[ep] or 0)
+          end
+        end
+        local share = math.ceil((keys + 1) / math.max(alive, 1))
+        for ep in string.gmatch(ranking, '[^,]+') do
+          local c = st.eps[ep]
+          if c and c.limit > 0 and (counts[ep] or 0) < share then
+            if fits(ep) then
+              note.ep, note.assign = ep, true
+              return ep, note
+            elseif note.ep == nil then
+              note.ep, note.assign = ep, true
+            end
+          end
+        end
+      end
+    end
+    for ep in string.gmatch(ranking, '[^,]+') do
+      if fits(ep) then
+        return ep, note
+      end
+    end
+    local best = fs_least(st, ranking)
+    return best, best and note
+  end
+  return fs_least(st, ranking), nil
+end
+
+-- A granted request's key: assigned where fs_choose put it (leaving the endpoint it had, if any) and, in
+-- any case, kept for another TTL. All three keys of the table expire together, after the newest entry.
+local function fs_remember(p, note)
+  if note == nil or note.ep == nil then
+    return
+  end
+  if note.assign then
+    redis.call('HSET', p.aff, note.key, note.ep)
+    redis.call('HINCRBY', p.affn, note.ep, 1)
+    if note.old then
+      fs_uncount(p, note.old)
+    end
+  end
+  redis.call('ZADD', p.affz, now + note.ttl, note.key)
+  for _, k in ipairs({p.aff, p.affz, p.affn}) do
+    expire(k, note.ttl, false)
+  end
 end
 
 local function fs_counter(p, tenant)
@@ -213,7 +326,7 @@ local function fs_dispatch(p, st, replicas, grants, self_wid)
         if alive == nil or alive < now then
           fs_unqueued(p, tenant, band)
         else
-          local ep = fs_choose(st, w.ranking, w.factor)
+          local ep, note = fs_choose(p, st, w.ranking, w.factor)
           if ep == nil then
             -- Room in total but none at an endpoint (limits moved under requests in flight): wait on.
             redis.call('LPUSH', p.q .. tenant, entry)
@@ -224,6 +337,7 @@ local function fs_dispatch(p, st, replicas, grants, self_wid)
             lease = math.min(w.ttl, FS_CLAIM_S)
           end
           local counter = fs_grant(p, st, w.wid, ep, tenant, w.weight, band, w.cost, w.ttl, lease)
+          fs_remember(p, note)
           if redis.call('LLEN', p.q .. tenant) > 0 then
             redis.call('ZADD', p.bl .. band, counter, tenant)
           else
