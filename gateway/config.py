@@ -90,7 +90,7 @@ class RoutingConfig(_Frozen):
     # `block_tokens` (the engine's KV block size).
     prefix_tokens: int = Field(default=256, ge=16, le=65536)
     block_tokens: int = Field(default=16, ge=1, le=1024)
-    load_factor: float = Field(default=1.25, ge=1.0, le=10.0)
+    load_factor: float = Field(default=2.0, ge=1.0, le=10.0)
     # A prefix keeps its endpoint while requests use it; after this long without one it is forgotten, and
     # its place counts no more toward its endpoint's share of the pool's prefixes.
     affinity_ttl_s: float = Field(default=300.0, gt=0, le=86400)
