@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from gateway.billing import Billing
 from gateway.billing.ledger import UsageLedger
 from gateway.config import LimitsConfig, ModelConfig
 from gateway.errors import GatewayError, NotFoundError, ServiceUnavailableError, UpstreamError
+from gateway.ids import unique_id
 from gateway.requests import ParsedRequest, parse_request
 from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.tracing import Tracing
@@ -204,7 +204,7 @@ class InferenceHandler:
         )
         record.placement = placement
         record.model_label = placement.model.name
-        record.event_id = "evt_" + os.urandom(12).hex()
+        record.event_id = "evt_" + unique_id()
         self._metrics.child(self._metrics.inflight, record.tenant_label).inc()
         try:
             direct: DirectWriter | None = scope.get("gateway.exchange")

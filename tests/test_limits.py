@@ -204,6 +204,20 @@ async def test_concurrency_slots_come_back_on_settle(store: QuotaStore, tenant: 
     held(await admit(store, tenant, s))
 
 
+async def test_new_limits_apply_at_once_to_the_next_admission(store: QuotaStore, tenant: str) -> None:
+    # Admission passes a tenant's scopes as one object until its limits change, and the Redis store keeps
+    # their encoding by that object: new scopes must be read afresh, in both directions.
+    one = scope(max_concurrency=1)
+    first = held(await admit(store, tenant, one))
+    assert not (await admit(store, tenant, one)).allowed  # the same scopes again: the kept encoding
+    raised = scope(max_concurrency=3)
+    second = held(await admit(store, tenant, raised))
+    assert not (await admit(store, tenant, scope(max_concurrency=2))).allowed  # lowered: 2 held
+    await store.settle(first, actual_tokens=0, actual_cost=0.0)
+    await store.settle(second, actual_tokens=0, actual_cost=0.0)
+    assert (await admit(store, tenant, one)).allowed  # back to the first scopes, with their slot free
+
+
 async def test_leases_of_a_crashed_holder_expire_after_their_ttl(
     store: QuotaStore, tenant: str, clock: FakeClock
 ) -> None:

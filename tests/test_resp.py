@@ -10,11 +10,13 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import hiredis
 import pytest
 from redis import exceptions as rx
 from redis.asyncio import Redis
 
 from gateway.admission.limits import PipelinedRedis
+from gateway.wire.resp import Packed, pack_parts
 from tests.support.redis_server import RedisServer
 
 
@@ -33,6 +35,20 @@ async def client(server: RedisServer) -> AsyncIterator[PipelinedRedis]:
     c = PipelinedRedis.from_url(server.url, timeout_s=0.5)
     yield c
     await c.aclose()
+
+
+def test_a_command_in_packed_runs_is_the_command_hiredis_packs() -> None:
+    args = ("EVALSHA", "a" * 40, 2, "{t}:k1", "{t}:k2", "", 1.5, 0.1, -7, 2**40, b"raw\r\n", "caf\u00e9")
+    assert pack_parts(args) == hiredis.pack_command(args)
+    runs = (Packed("EVALSHA", "a" * 40, 2), Packed("{t}:k1", "{t}:k2"), "", 1.5, Packed(), 0.1, -7)
+    assert pack_parts((*runs, Packed(2**40, b"raw\r\n"), "caf\u00e9")) == hiredis.pack_command(args)
+    with pytest.raises(TypeError):  # what hiredis refuses is refused, not sent as something else
+        pack_parts(("SET", "k", None))
+
+
+async def test_a_command_sent_in_parts_runs(client: PipelinedRedis) -> None:
+    assert await client.execute_parts(Packed("SET", "parts:k"), "v") == b"OK"
+    assert await client.execute_parts("GET", Packed("parts:k")) == b"v"
 
 
 async def test_concurrent_commands_each_get_their_own_reply(client: PipelinedRedis) -> None:

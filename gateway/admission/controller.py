@@ -27,9 +27,8 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +50,7 @@ from gateway.admission.tokens import ByteCounter, TokenCounter
 from gateway.asgi import ClientDisconnected, Receive
 from gateway.config import ModelConfig, Settings
 from gateway.errors import QuotaExceededError, RateLimitError
+from gateway.ids import unique_id
 from gateway.requests import ParsedRequest
 from gateway.telemetry.metrics import Metrics
 from gateway.tenancy import Principal, Quotas
@@ -215,8 +215,9 @@ class Admission:
         # armed and cancelled on every request, for the few that outlive a third of the TTL).
         self._held: dict[int, Placement] = {}
         self._sweep: asyncio.TimerHandle | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
+        # Set when the last held placement settles, for a `drain()` waiting on it (made by that drain only:
+        # an event cleared on every request costs a call per request).
+        self._idle: asyncio.Event | None = None
         # Settlements that could not reach the shared state, retried by one task until they go through.
         self._owed: deque[_Owed] = deque()
         self._retry: asyncio.Future[None] | None = None
@@ -357,7 +358,7 @@ class Admission:
         if charge is not None and (reservation is not None or release is not None):
             await self._settle_quotas(reservation, charge[0], charge[1], release)
         self._held.pop(id(placement), None)
-        if not self._held:
+        if not self._held and self._idle is not None:
             self._idle.set()
 
     async def drain(self, timeout_s: float) -> bool:
@@ -371,7 +372,7 @@ class Admission:
                     for placement in cut_short:
                         await self._finish(placement)
                     if self._held:
-                        self._idle.clear()
+                        self._idle = asyncio.Event()
                         await self._idle.wait()
                 while self._owed:
                     owed = self._owed[0]
@@ -430,7 +431,7 @@ class Admission:
         scopes = self._scopes_of(principal)
         worst = self._worst_cost(model.name, prompt_estimate, output_estimate)
         decision = await self._quota_admit(
-            tenant.id, scopes or [], prompt_estimate + output_estimate, worst, deadline, ask
+            tenant.id, scopes or (), prompt_estimate + output_estimate, worst, deadline, ask
         )
         placement.rate_headers = rate_headers(decision.headers)
         if not decision.allowed:
@@ -442,22 +443,21 @@ class Admission:
         placement._reservation = decision.reservation
         self._hold(placement)
         try:
-            await self._placed(placement, decision, ask, list(offered), receive)
+            await self._placed(placement, decision, ask, offered, receive)
         except BaseException:
             await self.settle(placement, prompt_tokens=0, completion_tokens=0, cost=0.0)
             raise
         # Where it may go if its endpoint fails before answering: another endpoint of the same pool first (an
         # engine of a pool failing is the pool's business, not a fallback), then the later backends.
-        others = next(
-            (
-                tuple(e for e in c.endpoints if e is not placement.endpoint)
-                for c in candidates
-                if c.backend is placement.backend
-            ),
-            (),
-        )
-        placement._rest = [Candidate(placement.backend, others)] if others else []
-        placement._rest += [c for c in candidates if c.backend is not placement.backend]
+        rest: list[Candidate] = []
+        for c in candidates:
+            if c.backend is not placement.backend:
+                rest.append(c)
+            elif len(c.endpoints) > 1 or c.endpoints[0] is not placement.endpoint:
+                others = tuple(e for e in c.endpoints if e is not placement.endpoint)
+                if others:
+                    rest.insert(0, Candidate(placement.backend, others))
+        placement._rest = rest
         listed_first = model.backends[0]
         if placement.backend is not first_backend:
             placement.fallback_from, placement.fallback_reason = first_backend.name, "saturated"
@@ -505,12 +505,17 @@ class Admission:
             raise QuotaBackendError("the fair queue gave no answer")
         placement._permit = permit
         placement._dispatched_at = loop.time()
-        chosen = next(c for c in offered if c.backend.name == permit.pool)
+        chosen = offered[0]
+        if chosen.backend.name != permit.pool:
+            chosen = next(c for c in offered if c.backend.name == permit.pool)
         placement.backend = chosen.backend
-        placement.endpoint = next(
-            (e for e in chosen.endpoints if e.id == permit.endpoint),
-            chosen.backend.endpoints.get(permit.endpoint) or chosen.endpoints[0],
-        )
+        endpoint = chosen.endpoints[0]
+        if endpoint.id != permit.endpoint:
+            endpoint = next(
+                (e for e in chosen.endpoints if e.id == permit.endpoint),
+                chosen.backend.endpoints.get(permit.endpoint) or endpoint,
+            )
+        placement.endpoint = endpoint
         waited = placement._dispatched_at - queued_at
         placement.queue_wait_s += waited
         label = self._metrics.tenant_label(placement.principal.tenant_id)
@@ -532,7 +537,7 @@ class Admission:
                 except _QueueLost:
                     ask = dataclasses.replace(ask, waiter=_waiter_id(), pools=ask.pools[:1], spill=False)
                     placement._ask = ask
-                    decision = await self._quota_admit(ask.tenant, [], 0, 0.0, None, ask)
+                    decision = await self._quota_admit(ask.tenant, (), 0, 0.0, None, ask)
                     if not decision.allowed:
                         raise self._queue_refusal(placement, "queue_full", decision.ahead, decision.backlog) from None
                     if decision.place == "granted" and decision.permit is not None:
@@ -588,7 +593,7 @@ class Admission:
     async def _quota_admit(
         self,
         tenant: str,
-        scopes: list[Scope],
+        scopes: Sequence[Scope],
         tokens: int,
         cost: float,
         deadline: float | None,
@@ -767,7 +772,6 @@ class Admission:
         loop = asyncio.get_running_loop()
         placement._renewed_at = loop.time()
         self._held[id(placement)] = placement
-        self._idle.clear()
         if self._sweep is None:
             self._sweep = loop.call_later(self._lease_ttl / 6, self._renew_due)
 
@@ -790,7 +794,7 @@ class Admission:
 
 
 def _waiter_id() -> str:
-    return os.urandom(9).hex()
+    return unique_id()
 
 
 def _load_factor(backend: Backend, scope_salt: str) -> float:

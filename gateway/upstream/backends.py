@@ -88,9 +88,10 @@ class Backend:
         ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Candidate:
-    """A backend that may serve a request now, with the endpoints of it that may."""
+    """A backend that may serve a request now, with the endpoints of it that may (made per request, and
+    read only: not frozen, which would make it several times dearer to create)."""
 
     backend: Backend
     endpoints: tuple[Endpoint, ...]

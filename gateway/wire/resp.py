@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -42,12 +43,55 @@ from redis import exceptions as rx
 
 from gateway.wire.deadline import Deadline
 
-__all__ = ["PipelinedRedis"]
+__all__ = ["Packed", "PipelinedRedis", "pack_parts"]
 
 
 def _pack(args: tuple[Any, ...]) -> bytes:
     packed: bytes = hiredis.pack_command(args)
     return packed
+
+
+class Packed:
+    """A run of a command's arguments encoded once, for the many commands that repeat it (a tenant's keys and
+    limits, a pool's names): `PipelinedRedis.execute_parts` copies its bytes instead of encoding each
+    argument again, which is most of what a command costs to send. `args` are the arguments themselves."""
+
+    __slots__ = ("args", "count", "data")
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+        self.count = len(args)
+        packed = _pack(args) if args else b"*0\r\n"
+        self.data = packed[packed.index(b"\r\n") + 2 :]  # without the "*<count>" header
+
+
+def pack_parts(parts: tuple[Any, ...]) -> bytes:
+    """One command from arguments and `Packed` runs of them, in order. (Each argument is encoded inline, as
+    hiredis would encode it: a call per argument would cost as much as the encoding.)"""
+    count = 0
+    out = [b""]
+    append = out.append
+    for part in parts:
+        kind = type(part)
+        if kind is Packed:
+            append(part.data)
+            count += part.count
+            continue
+        count += 1
+        if kind is str:
+            data = part.encode()
+        elif kind is int:
+            data = b"%d" % part
+        elif kind is bytes:
+            data = part
+        elif kind is float:
+            data = repr(part).encode()
+        else:
+            append(_pack((part,))[4:])  # anything else as hiredis encodes it
+            continue
+        append(b"$%d\r\n%s\r\n" % (len(data), data))
+    out[0] = b"*%d\r\n" % count
+    return b"".join(out)
 
 
 class _Protocol(asyncio.Protocol):
@@ -202,14 +246,27 @@ class PipelinedRedis:
             timeout_s=timeout_s,
         )
 
-    async def execute_command(self, *args: Any) -> Any:
+    def execute_command(self, *args: Any) -> Awaitable[Any]:
+        """The reply to one command, to await. Connected (the usual case), that is the command's own future:
+        no coroutine per call, whose frames every reply would resume on its way to the caller."""
         conn = self._conn
         if conn is None:
-            conn = await self._connect()
-        return await conn.command(_pack(args), self._timeout)
+            return self._connect_then(_pack(args))
+        return conn.command(_pack(args), self._timeout)
 
-    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
-        return await self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+    def execute_parts(self, *parts: Any) -> Awaitable[Any]:
+        """`execute_command` for a command given as arguments and `Packed` runs of them."""
+        conn = self._conn
+        if conn is None:
+            return self._connect_then(pack_parts(parts))
+        return conn.command(pack_parts(parts), self._timeout)
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Awaitable[Any]:
+        return self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+
+    async def _connect_then(self, packed: bytes) -> Any:
+        conn = await self._connect()
+        return await conn.command(packed, self._timeout)
 
     async def script_load(self, script: str) -> Any:
         return await self.execute_command("SCRIPT", "LOAD", script)

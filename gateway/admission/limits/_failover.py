@@ -131,22 +131,12 @@ class FailoverQuotaStore:
         permit_where = release.permit.origin if release is not None else None
         if where is not None and permit_where is not None and where != permit_where:
             # Admitted by one store, placed by the other (Redis went away or came back in between).
-            settled = await self._settle_in(where, reservation, actual_tokens, actual_cost, None)
-            await self._settle_in(permit_where, None, actual_tokens, actual_cost, release)
+            settled = await self.settle(reservation, actual_tokens=actual_tokens, actual_cost=actual_cost)
+            await self.settle(None, actual_tokens=actual_tokens, actual_cost=actual_cost, release=release)
             return settled
         store = where or permit_where
         if store is None:
             return True
-        return await self._settle_in(store, reservation, actual_tokens, actual_cost, release)
-
-    async def _settle_in(
-        self,
-        store: str,
-        reservation: Reservation | None,
-        actual_tokens: int,
-        actual_cost: float,
-        release: Release | None,
-    ) -> bool:
         if store == "local":
             return await self._fallback.settle(
                 reservation, actual_tokens=actual_tokens, actual_cost=actual_cost, release=release
@@ -156,8 +146,6 @@ class FailoverQuotaStore:
                 reservation, actual_tokens=actual_tokens, actual_cost=actual_cost, release=release
             )
         except QuotaBackendError as exc:
-            # The caller keeps it and tries again: a settlement is idempotent, and Redis keeps an unsettled
-            # reservation (or its expired lease) long enough to be settled late.
             self._set_degraded(True, exc)
             raise
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from gateway.admission.limits._types import (
     check_request,
     check_usage,
 )
+from gateway.ids import unique_id
 
 __all__ = ["LocalQuotaStore"]
 
@@ -202,7 +202,7 @@ class LocalQuotaStore:
                     backlog=backlog,
                 )
         reservation = Reservation(
-            id=secrets.token_hex(12),
+            id=unique_id(),
             tenant=tenant,
             scopes=scopes,
             tokens=tokens,

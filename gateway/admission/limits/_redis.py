@@ -27,14 +27,19 @@ The client is `PipelinedRedis` (gateway/wire/resp.py: one pipelined connection, 
 asyncio client's cost per call) or any redis-py client. Errors of either become `QuotaBackendError` here,
 at once: this store never retries, so how fast a failure surfaces is the client's timeout. A call that fails or is
 cancelled after the script ran may have reserved: its leases expire after their TTL.
+
+Most of what admit and settle send repeats from one request to the next (a tenant's keys and limits, a
+pool's names, a tenant's weight): it is encoded once (`Packed`) and kept, found by the scopes object the
+caller passes. Admission passes a tenant's scopes as one object until its limits change, so a caller must
+not change a scopes list it passed; new limits come as new scopes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any, Protocol, cast
@@ -59,6 +64,8 @@ from gateway.admission.limits._types import (
     check_request,
     check_usage,
 )
+from gateway.ids import unique_id
+from gateway.wire.resp import Packed
 
 __all__ = ["RedisQuotaStore", "ScriptClient", "fast_fail_client"]
 
@@ -67,7 +74,7 @@ class ScriptClient(Protocol):
     """What the store needs of a Redis client: `gateway.admission.limits.PipelinedRedis` in production, or redis-py's
     `Redis`/`RedisCluster`. Failures are redis-py's exception classes either way."""
 
-    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any: ...
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Awaitable[Any]: ...
 
     async def script_load(self, script: str) -> Any: ...
 
@@ -103,15 +110,24 @@ class _Script:
 
     async def __call__(self, client: ScriptClient, keys: list[str], args: list[str | int | float]) -> Any:
         try:
-            try:
-                return await client.evalsha(self.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                await client.script_load(self.source)
-                return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except RedisError as exc:
-            raise QuotaBackendError(f"quota backend unavailable: {type(exc).__name__}") from exc
-        except OSError as exc:  # a socket error redis-py did not wrap
-            raise QuotaBackendError(f"quota backend unavailable: {type(exc).__name__}") from exc
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except (RedisError, OSError) as exc:
+            return await self.recover(client, keys, args, exc)
+
+    async def recover(
+        self, client: ScriptClient, keys: list[str], args: list[str | int | float], exc: Exception
+    ) -> Any:
+        """After a call failed with `exc`: load the script and run it again if the server did not know it,
+        else raise the failure as the store's own."""
+        try:
+            if not isinstance(exc, NoScriptError):
+                raise exc
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except RedisError as error:
+            raise QuotaBackendError(f"quota backend unavailable: {type(error).__name__}") from error
+        except OSError as error:  # a socket error redis-py did not wrap
+            raise QuotaBackendError(f"quota backend unavailable: {type(error).__name__}") from error
 
 
 def _opt(value: float | None) -> str | int | float:
@@ -123,14 +139,55 @@ def _str(value: Any) -> str:
 
 
 def _int(value: Any) -> int | None:
+    """A script's number (an integer reply), or None for its '' (unlimited)."""
+    if type(value) is int:
+        return value
     text = _str(value)
     return None if text == "" else int(text)
 
 
 def _seconds(value: Any) -> float | None:
     """The scripts answer durations in whole microseconds (see `us` in lua/common.lua)."""
+    if type(value) is int:
+        return value / 1e6
     text = _str(value)
     return None if text == "" else int(text) / 1e6
+
+
+@dataclass(slots=True, eq=False)
+class _Runs:
+    """What admit.lua and settle.lua are sent for one tenant's scopes, encoded once: the command up to its
+    last key, and the lease TTL and limits (admit) or the limits (settle) that follow a request's own figures.
+    Kept with the scopes they were made from (`given` by admission, `scopes` as reservations carry them),
+    which also keeps their ids from being reused while they are cached."""
+
+    given: Sequence[Scope]
+    scopes: tuple[Scope, ...]
+    lease_ttl_s: float
+    keys: list[str]
+    admit_head: Packed
+    settle_head: Packed
+    admit_limits: Packed
+    settle_limits: Packed
+
+
+def _plain(args: list[Any]) -> list[Any]:
+    """The arguments with every `Packed` run spelt out (for a client other than `PipelinedRedis`)."""
+    out: list[Any] = []
+    for arg in args:
+        if type(arg) is Packed:
+            out += arg.args
+        else:
+            out.append(arg)
+    return out
+
+
+def _bounded(cache: dict[Any, Any]) -> dict[Any, Any]:
+    """`cache`, emptied first if it holds 4,096 entries: what it keeps is made from configuration (tenants,
+    keys, pools), so a bound this size is only reached by churn, and refills from use."""
+    if len(cache) >= 4096:
+        cache.clear()
+    return cache
 
 
 class RedisQuotaStore:
@@ -151,8 +208,8 @@ class RedisQuotaStore:
         self._prefix = key_prefix
         self.replica = replica
         self._clock = clock
-        self._admit: _Script | None = None
-        self._settle: _Script | None = None
+        self._admit = _Script("admit")
+        self._settle = _Script("settle")
         self._renew: _Script | None = None
         self._cancel: _Script | None = None
         self._capacity: _Script | None = None
@@ -160,6 +217,15 @@ class RedisQuotaStore:
         self._lead: _Script | None = None
         self.replicas_key = f"{key_prefix}:replicas"
         self.grants_prefix = f"{key_prefix}:grants:"
+        # `PipelinedRedis` takes a command as parts, some of them encoded once (`Packed`); other clients get
+        # plain arguments.
+        self._execute_parts: Callable[..., Awaitable[Any]] | None = getattr(client, "execute_parts", None)
+        # What admit and settle send for a tenant's scopes, for a request's place in the fair queue and for a
+        # permit given back, encoded once (see `_Runs`).
+        self._runs: dict[tuple[str, int], _Runs] = {}
+        self._asks: dict[tuple[Any, ...], tuple[Packed, Packed]] = {}
+        self._pools: dict[tuple[str, tuple[str, ...]], Packed] = {}
+        self._releases: dict[tuple[Any, ...], tuple[Packed, Packed, Packed]] = {}
 
     def pool_prefix(self, pool: str) -> str:
         return f"{self._prefix}:pool:{{{pool}}}:"
@@ -191,10 +257,13 @@ class RedisQuotaStore:
         timeout_s: float | None = None,
         place: PlaceAsk | None = None,
     ) -> Decision:
-        scopes = tuple(scopes)
+        runs = self._runs.get((tenant, id(scopes)))
+        if runs is None or runs.given is not scopes or runs.lease_ttl_s != lease_ttl_s:
+            runs = self._tenant_runs(tenant, scopes, lease_ttl_s)
+        scopes = runs.scopes
         check_request(tenant, scopes, tokens, cost, lease_ttl_s, allow_no_scopes=place is not None)
         reservation = Reservation(
-            id=secrets.token_hex(12),
+            id=unique_id(),
             tenant=tenant,
             scopes=scopes,
             tokens=tokens,
@@ -202,43 +271,26 @@ class RedisQuotaStore:
             lease_ttl_s=lease_ttl_s,
             backend="redis",
         )
-        args: list[str | int | float] = [
-            self._now(),
-            reservation.member,
-            tokens,
-            repr(cost),
-            repr(lease_ttl_s),
-            len(scopes),
-        ]
-        for scope in scopes:
-            lim = scope.limits
-            budget = lim.budget_amount is not None
-            args += [
-                _opt(lim.rpm),
-                _opt(lim.tpm),
-                _opt(lim.max_concurrency),
-                _opt(lim.max_inflight_tokens),
-                repr(lim.budget_amount) if budget else "",
-                lim.budget_period if budget else "",
-            ]
+        args: list[Any] = [self._now(), reservation.member, tokens, repr(cost), runs.admit_limits]
         if place is None:
             args.append(0)
         else:
-            args += self._place_args(place)
-        if self._admit is None:
-            self._admit = _Script("admit")
-        call = self._admit(self._client, self.keys(tenant, scopes), args)
+            self._place_args(place, args)
+        script = self._admit
         if timeout_s is None:
-            out = await call
+            # The script's call inlined (not `await script(...)`): one coroutine less on every request.
+            try:
+                out = await self._evalsha(script, runs, args)
+            except (RedisError, OSError) as exc:
+                out = await script.recover(self._client, runs.keys, _plain(args), exc)
         else:
             # Only a request that already spent part of its allowance gets a timer here; the client's own
             # timeout bounds every other call.
             if timeout_s <= 0:
-                call.close()
                 raise QuotaBackendError("quota backend: no time left for this request")
             try:
                 async with asyncio.timeout(timeout_s):
-                    out = await call
+                    out = await script(self._client, runs.keys, _plain(args))
             except TimeoutError:
                 raise QuotaBackendError("quota backend unavailable: TimeoutError") from None
         headers = RateHeaders(
@@ -279,25 +331,41 @@ class RedisQuotaStore:
             origin="redis",
         )
 
-    def _place_args(self, place: PlaceAsk) -> list[str | int | float]:
-        args: list[str | int | float] = [
-            len(place.pools),
-            place.waiter,
-            self.replica,
+    def _place_args(self, place: PlaceAsk, args: list[Any]) -> None:
+        """The fair queue's arguments of admit.lua, after the scopes'."""
+        key = (
             place.tenant,
-            repr(float(place.weight)),
-            str(place.band),
-            repr(float(place.cost)),
-            repr(float(place.lease_ttl_s)),
-            "" if place.max_queue_depth is None else place.max_queue_depth,
-            1 if place.spill else 0,
-            repr(float(place.load_factor)),
-            self.replicas_key,
-            self.grants_prefix,
-        ]
+            place.weight,
+            place.band,
+            place.lease_ttl_s,
+            place.max_queue_depth,
+            place.spill,
+            place.load_factor,
+        )
+        runs = self._asks.get(key)
+        if runs is None:
+            runs = (
+                Packed(self.replica, place.tenant, repr(float(place.weight)), str(place.band)),
+                Packed(
+                    repr(float(place.lease_ttl_s)),
+                    "" if place.max_queue_depth is None else place.max_queue_depth,
+                    1 if place.spill else 0,
+                    repr(float(place.load_factor)),
+                    self.replicas_key,
+                    self.grants_prefix,
+                ),
+            )
+            _bounded(self._asks)[key] = runs
+        args += [len(place.pools), place.waiter, runs[0], repr(float(place.cost)), runs[1]]
         for pool in place.pools:
-            args += [self.pool_prefix(pool.pool), pool.routing()]
-        return args
+            if pool.key:  # an affinity key is the request's own: not worth keeping
+                args += [self.pool_prefix(pool.pool), pool.routing()]
+                continue
+            found = self._pools.get((pool.pool, pool.ranking))
+            if found is None:
+                found = Packed(self.pool_prefix(pool.pool), pool.routing())
+                _bounded(self._pools)[(pool.pool, pool.ranking)] = found
+            args.append(found)
 
     async def settle(
         self,
@@ -312,38 +380,82 @@ class RedisQuotaStore:
             return False
         scopes = reservation.scopes if reservation is not None else ()
         tenant = reservation.tenant if reservation is not None else release.tenant  # type: ignore[union-attr]
-        args: list[str | int | float] = [
+        runs = self._runs.get((tenant, id(scopes)))
+        if runs is None or runs.scopes is not scopes:
+            runs = self._tenant_runs(tenant, scopes, reservation.lease_ttl_s if reservation is not None else 60.0)
+        args: list[Any] = [
             self._now(),
             reservation.member if reservation is not None else "",
             reservation.tokens if reservation is not None else 0,
             repr(reservation.cost) if reservation is not None else "0.0",
             actual_tokens,
             repr(float(actual_cost)),
-            len(scopes),
+            runs.settle_limits,
         ]
-        for scope in scopes:
-            lim = scope.limits
-            args += [_opt(lim.tpm), lim.budget_period if lim.budget_amount is not None else ""]
         if release is None:
             args.append(0)
         else:
+            key = (release.permit.pool, release.tenant, release.weight, release.band, release.load_factor)
+            given = self._releases.get(key)
+            if given is None:
+                given = (
+                    Packed(1, self.pool_prefix(release.permit.pool)),
+                    Packed(release.tenant, repr(float(release.weight)), str(release.band)),
+                    Packed(repr(float(release.load_factor)), self.replicas_key, self.grants_prefix),
+                )
+                _bounded(self._releases)[key] = given
             args += [
-                1,
-                self.pool_prefix(release.permit.pool),
+                given[0],
                 release.permit.member,
-                release.tenant,
-                repr(float(release.weight)),
-                str(release.band),
+                given[1],
                 repr(float(release.estimate)),
                 repr(float(release.actual)),
-                repr(float(release.load_factor)),
-                self.replicas_key,
-                self.grants_prefix,
+                given[2],
             ]
-        if self._settle is None:
-            self._settle = _Script("settle")
-        out = await self._settle(self._client, self.keys(tenant, scopes), args)
+        script = self._settle
+        try:
+            out = await self._evalsha(script, runs, args)
+        except (RedisError, OSError) as exc:
+            out = await script.recover(self._client, runs.keys, _plain(args), exc)
         return int(out) == 1
+
+    def _tenant_runs(self, tenant: str, given: Sequence[Scope], lease_ttl_s: float) -> _Runs:
+        scopes = tuple(given)
+        admit_limits: list[Any] = [repr(lease_ttl_s), len(scopes)]
+        settle_limits: list[Any] = [len(scopes)]
+        for scope in scopes:
+            lim = scope.limits
+            budget = lim.budget_amount is not None
+            admit_limits += [
+                _opt(lim.rpm),
+                _opt(lim.tpm),
+                _opt(lim.max_concurrency),
+                _opt(lim.max_inflight_tokens),
+                repr(lim.budget_amount) if budget else "",
+                lim.budget_period if budget else "",
+            ]
+            settle_limits += [_opt(lim.tpm), lim.budget_period if budget else ""]
+        keys = self.keys(tenant, scopes)
+        runs = _Runs(
+            given=given,
+            scopes=scopes,
+            lease_ttl_s=lease_ttl_s,
+            keys=keys,
+            admit_head=Packed("EVALSHA", self._admit.sha, len(keys), *keys),
+            settle_head=Packed("EVALSHA", self._settle.sha, len(keys), *keys),
+            admit_limits=Packed(*admit_limits),
+            settle_limits=Packed(*settle_limits),
+        )
+        # Found by the scopes admission passes, and by the tuple of them its reservations carry to settle.
+        _bounded(self._runs)[(tenant, id(given))] = runs
+        self._runs[(tenant, id(scopes))] = runs
+        return runs
+
+    def _evalsha(self, script: _Script, runs: _Runs, args: list[Any]) -> Awaitable[Any]:
+        if self._execute_parts is not None:
+            head = runs.admit_head if script is self._admit else runs.settle_head
+            return self._execute_parts(head, *args)
+        return self._client.evalsha(script.sha, len(runs.keys), *runs.keys, *_plain(args))
 
     async def renew(self, reservation: Reservation | None, permit: Permit | None = None, *, ttl_s: float = 0.0) -> bool:
         """Extend the leases of `reservation` and the lease of `permit` (by `ttl_s`, or the reservation's)."""

@@ -1,4 +1,10 @@
-"""The values that cross the quota seam: limits in, a decision and a reservation out."""
+"""The values that cross the quota seam: limits in, a decision and a reservation out.
+
+The values made for every request (a reservation, a decision, a place in the fair queue, a permit and its
+release) are plain slotted dataclasses, treated as immutable by convention: a frozen dataclass sets each
+field through `object.__setattr__`, which makes it about 7 times dearer to create (1.0 against 0.15 us for
+ten fields on Python 3.11), and the request path makes seven of them.
+"""
 
 from __future__ import annotations
 
@@ -88,7 +94,7 @@ class Scope:
     limits: QuotaLimits
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reservation:
     """What an admitted request holds until it is settled: its leases, reserved tokens and cost."""
 
@@ -108,7 +114,7 @@ class Reservation:
         return f"{self.id}|{self.tokens}|{self.cost!r}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RateHeaders:
     """What the `x-ratelimit-*` headers need; per dimension, from the most constraining scope.
 
@@ -124,7 +130,7 @@ class RateHeaders:
     reset_tokens_s: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PoolAsk:
     """A backend pool a request may run in, with the endpoints that may serve it there, in its order of
     preference (with no preference, the least loaded of them serves).
@@ -147,7 +153,7 @@ class PoolAsk:
         return f"#{self.key}@{float(self.key_ttl_s)!r},{endpoints}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PlaceAsk:
     """What a request asks of the backends' fair queues, in the same call as its quotas.
 
@@ -188,7 +194,7 @@ class PlaceAsk:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Permit:
     """A request's place at one endpoint of a backend pool, held until released (or its lease expires)."""
 
@@ -203,7 +209,7 @@ class Permit:
         return f"{self.waiter}|{self.endpoint}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Release:
     """A permit given back: its tenant's counter is corrected from `estimate` to `actual` (VTC units)."""
 
@@ -226,7 +232,7 @@ class PoolStatus:
     held_by_endpoint: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     """The answer to one admission.
 
