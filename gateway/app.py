@@ -311,6 +311,7 @@ class GatewayApp:
             lead=lead,
             metrics=self.metrics,
             session=session,
+            engine_wait=admission.engine_wait_changed,
         )
 
     async def _discovery_loop(self, session: aiohttp.ClientSession, capacity: CapacityControl) -> None:

@@ -473,6 +473,7 @@ class InferenceHandler:
                     "duration_ms": round(duration * 1000, 3),
                     "ttft_ms": None if record.ttft_s is None else round(record.ttft_s * 1000, 3),
                     "queue_ms": round(placement.queue_wait_s * 1000, 3),
+                    "engine_queue_ms": round(placement.engine_wait_s * 1000, 3),
                 },
             },
         )

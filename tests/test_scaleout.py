@@ -10,6 +10,7 @@ talks to. These are behaviour checks with loose bounds; loadtests/bench_scaleout
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import statistics
@@ -268,3 +269,58 @@ def test_permits_granted_to_a_dead_replicas_waiting_requests_come_back_at_once(
     assert granted, "no permit was granted to the dead replica's waiting requests: nothing was tested"
     assert max(granted.values()) <= 2.5, granted
     assert not load.errors, load.errors
+
+
+def engine_queue_time(engine: SimHandle) -> tuple[float, float]:
+    """The engine's own queue-time histogram: (sum of seconds, requests)."""
+    total = count = 0.0
+    for line in httpx.get(engine.url + "/metrics").text.splitlines():
+        if line.startswith("vllm:request_queue_time_seconds_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("vllm:request_queue_time_seconds_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def test_a_wait_inside_the_engine_is_part_of_the_tenants_queue_wait(
+    redis_srv: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # A fixed capacity of 16 over an engine that runs 4: the gateway holds nothing back, and requests wait
+    # inside the engine instead, first come first served. The wait the tenant sees must say so.
+    workdir = tmp_path_factory.mktemp("engine-wait")
+    sim = start_sim("--ttft-ms", "1", "--itl-ms", "5", "--max-concurrency", str(SLOTS), log_dir=workdir)
+    billing = workdir / "billing.jsonl"
+    cfg = config(redis_srv, sim, billing={"sinks": [{"kind": "jsonl", "path": str(billing)}]})
+    cfg["backends"][0]["capacity_mode"] = "fixed"
+    gw = start_gateway(cfg, workdir / "gw")
+    try:
+        key = tenant_with_key(gw.url, gw.admin_key, "engineq")
+        before = engine_queue_time(sim)
+        load = Load()
+        for _ in range(3 * SLOTS):
+            load.client(gw, key, "engineq", tokens=40)
+        time.sleep(4)
+        load.finish()
+        after = engine_queue_time(sim)
+        metrics = httpx.get(gw.url + "/metrics").text
+    finally:
+        gw.stop()
+        sim.stop()
+    assert not load.errors, load.errors
+    engine_mean = (after[0] - before[0]) / (after[1] - before[1])
+    assert engine_mean > 0.1, f"nothing waited inside the engine ({engine_mean:.3f} s): nothing was tested"
+
+    def sample(name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(name))
+
+    waits = sample('gateway_queue_wait_seconds_sum{model="m",tenant="engineq"}')
+    waited = sample('gateway_queue_wait_seconds_count{model="m",tenant="engineq"}')
+    seen = waits / waited
+    # The capacity never bound, so all of that is the engine's: about what the engine itself counted.
+    assert 0.5 * engine_mean <= seen <= 2 * engine_mean, (seen, engine_mean)
+    events = [json.loads(line)["data"]["timings"] for line in billing.read_text().splitlines()]
+    assert len(events) >= waited - 1  # the last events may still be on their way to the file
+    late = events[len(events) // 4 :]  # after the first readings of the engine
+    assert all(t["queue_ms"] >= t["engine_queue_ms"] >= 0 for t in events), events
+    billed = statistics.mean(t["engine_queue_ms"] for t in late) / 1000
+    assert 0.5 * engine_mean <= billed <= 2 * engine_mean, (billed, engine_mean)

@@ -545,6 +545,25 @@ def test_waiting_queue_shows_in_metrics(timed: SimHandle) -> None:
     assert timed.metric("vllm:num_requests_running") == 0
 
 
+def test_queue_time_is_counted_as_vllm_counts_it(timed: SimHandle) -> None:
+    # vLLM's request_queue_time_seconds: every request that got a slot, with how long it waited for it.
+    total, count = (
+        timed.metric("vllm:request_queue_time_seconds_sum"),
+        timed.metric("vllm:request_queue_time_seconds_count"),
+    )
+    body = chat_body("queue me too", max_tokens=10)  # about 200 ms each, one at a time
+    with ThreadPoolExecutor(3) as pool:
+        assert all(
+            f.status_code == 200 for f in pool.map(lambda _: post(timed, "/v1/chat/completions", body), range(3))
+        )
+    assert timed.metric("vllm:request_queue_time_seconds_count") - count == 3
+    waited = timed.metric("vllm:request_queue_time_seconds_sum") - total
+    assert 0.45 < waited < 1.5, waited  # 0 + about 0.2 + about 0.4: the second and third waited their turn
+    text = timed.metrics()
+    assert 'vllm:request_queue_time_seconds_bucket{le="+Inf",' in text
+    assert "# TYPE vllm:request_queue_time_seconds histogram" in text
+
+
 def test_stream_closed_midway_is_cancelled(timed: SimHandle) -> None:
     body = chat_body("long story", max_tokens=500, stream=True)  # 10 s if nobody stops it
     with timed.http.stream("POST", "/v1/chat/completions", json=body) as response:

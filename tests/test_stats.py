@@ -178,8 +178,10 @@ def test_a_pool_of_two_engines(sim: SimHandle, sim2: SimHandle, tmp_path: Path) 
         assert backend["limit"] == sum(e["limit"] for e in endpoints)
         assert backend["waiting_tenants"] == 0
         for e in endpoints:
-            assert e["permits"] == 0
             assert e["running"] >= 0 and e["waiting"] >= 0 and 0 <= e["kv_cache_usage"] <= 1
+            assert e["queue_wait_s"] >= 0
+        # Permits as the control last published them (every interval): back to none once it has seen the end.
+        eventually(lambda: all(e["permits"] == 0 for e in pool_of(stats(gw).json(), "sim")["endpoints"]))
 
         # Three requests held at the engines: three permits, wherever they were placed.
         socks = held([gw], [key] * 3, [sim, sim2])
@@ -227,7 +229,8 @@ def test_replicas_sum_through_redis(sim: SimHandle, redis_server: RedisServer, t
         backend = pool_of(report, "sim")
         (endpoint,) = backend["endpoints"]
         assert (backend["limit"], endpoint["limit"], endpoint["requests"]) == (8, 8, 7)
-        assert endpoint["running"] is None  # capacity_mode fixed: the engine's metrics are not read
+        # capacity_mode fixed: the limit is the operator's, but the engine's own figures are still read.
+        assert (endpoint["running"], endpoint["waiting"], endpoint["queue_wait_s"]) == (0, 0, 0.0)
 
         # Requests held through both replicas hold permits in the one queue: each replica reports them all.
         socks = held([a, b], [key] * 3, [sim])
@@ -258,10 +261,19 @@ def test_workers_sum_through_sqlite(sim: SimHandle, tmp_path: Path) -> None:
             return len(report["replicas"]) == 2 and tenant_of(report, "busy")["requests"] == {"200": 20}
 
         eventually(summed)
+
         # Without Redis each worker keeps its own fair queue with half of the engine's limit: the queues'
         # limits add up to the engine's, which each worker applies (not summed).
-        backend = pool_of(stats(gw).json(), "sim")
-        assert (backend["limit"], backend["endpoints"][0]["limit"], backend["endpoints"][0]["requests"]) == (8, 8, 20)
+        def pooled() -> bool:
+            backend = pool_of(stats(gw).json(), "sim")
+            return (backend["limit"], backend["endpoints"][0]["limit"], backend["endpoints"][0]["requests"]) == (
+                8,
+                8,
+                20,
+            )
+
+        # Each worker's pool figures come with its readings, published every interval like its counters.
+        eventually(pooled)
     finally:
         gw.stop()
 

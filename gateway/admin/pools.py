@@ -3,7 +3,7 @@
 A process reads them from the collectors the capacity control and the request path already update
 (`gateway/admission/capacity.py`, `gateway/pipeline.py`): per backend, the total limit and the tenants
 waiting in its fair queue; per endpoint, its limit and the permits held there, the engine's own running,
-waiting and KV-cache usage, and the requests and prompt tokens (all, and those its prefix cache held) it
+waiting, KV-cache usage and queue wait, and the requests and prompt tokens (all, and those its prefix cache held) it
 served.
 
 Several processes' readings combine by what each figure describes:
@@ -52,6 +52,12 @@ class EndpointStats(BaseModel):
         "The engine serves them first come first served, blind to tenants: it should stay near 0.",
     )
     kv_cache_usage: float | None = Field(default=None, description="The engine's KV-cache usage, 0 to 1.")
+    queue_wait_s: float | None = Field(
+        default=None,
+        description="How long requests wait inside the engine now, in seconds: the mean queue time of those that "
+        "left its queue since the last reading (vLLM's `request_queue_time_seconds`). Part of each tenant's "
+        "queue wait; it should stay near 0.",
+    )
     requests: int = Field(default=0, description="Requests this engine served (a counter).")
     prompt_tokens: int = Field(default=0, description="Prompt tokens this engine processed (a counter).")
     cached_tokens: int = Field(
@@ -115,6 +121,8 @@ def read_pools(metrics: Metrics) -> list[BackendStats]:
             endpoint(labels)[labels["state"]] = round(value)
     for labels, value in _samples(metrics.engine_kv_usage):
         endpoint(labels)["kv_cache_usage"] = value
+    for labels, value in _samples(metrics.engine_queue_wait):
+        endpoint(labels)["queue_wait_s"] = value
     for labels, value in _samples(metrics.endpoint_requests):
         endpoint(labels)["requests"] = round(value)
     for labels, value in _samples(metrics.endpoint_tokens):
@@ -147,7 +155,12 @@ def merge_pools(readings: Iterable[PoolReading]) -> list[BackendStats]:
                     merged["limit"] = max(merged.get("limit", e.limit), e.limit)
                 if e.running is not None and reading.time >= read_at.get((b.name, e.id), -math.inf):
                     read_at[b.name, e.id] = reading.time
-                    merged.update(running=e.running, waiting=e.waiting, kv_cache_usage=e.kv_cache_usage)
+                    merged.update(
+                        running=e.running,
+                        waiting=e.waiting,
+                        kv_cache_usage=e.kv_cache_usage,
+                        queue_wait_s=e.queue_wait_s,
+                    )
     return [
         BackendStats(
             name=name,

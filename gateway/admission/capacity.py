@@ -19,6 +19,12 @@ load, read every `capacity.interval_s`:
   small allowance while it binds; while less than half of it is in use it is left alone (`gradient2`).
 - `capacity_mode: fixed` backends, and hosted providers (`kind: litellm`), get their configured `capacity`.
 
+Whatever governs the limit, a request may still wait inside the engine (a limit still settling, or
+`capacity_mode: fixed` above what the engine runs). That wait is read from vLLM's queue-time histogram
+(`engine_wait`: the mean over the requests that left the engine's queue since the last reading) and
+handed to admission, which adds it to the queue wait of each request it sends there: the wait a tenant
+sees is the whole wait, not only the part in the gateway's fair queue.
+
 The configured `capacity` is always the ceiling, and 1 the floor. An endpoint that is down or ejected gets
 0, so the fair queue holds its requests rather than failing them.
 
@@ -43,7 +49,7 @@ from gateway.config import BackendConfig, CapacityConfig
 from gateway.telemetry.metrics import Metrics
 from gateway.upstream.backends import Backend, BackendPool, Endpoint
 
-__all__ = ["CapacityControl", "EngineLoad", "gradient2", "parse_engine_metrics"]
+__all__ = ["CapacityControl", "EngineLoad", "engine_wait", "gradient2", "parse_engine_metrics"]
 
 log = logging.getLogger("gateway.capacity")
 
@@ -77,6 +83,10 @@ class EngineLoad:
     waiting: float
     kv_usage: float
     at: float
+    # vLLM's `vllm:request_queue_time_seconds` histogram: the time requests spent waiting inside the engine
+    # (sum and count since it started); None where the engine does not expose it.
+    queue_s: float | None = None
+    queued: float | None = None
 
 
 def parse_engine_metrics(text: str, at: float) -> EngineLoad | None:
@@ -84,6 +94,8 @@ def parse_engine_metrics(text: str, at: float) -> EngineLoad | None:
     running = waiting = 0.0
     kv = 0.0
     seen = False
+    queue_s: float | None = None
+    queued: float | None = None
     for line in text.splitlines():
         if not line.startswith("vllm:"):
             continue
@@ -100,7 +112,25 @@ def parse_engine_metrics(text: str, at: float) -> EngineLoad | None:
             seen = True
         elif name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
             kv = max(kv, value)
-    return EngineLoad(running, waiting, kv, at) if seen else None
+        elif name == "vllm:request_queue_time_seconds_sum":
+            queue_s = (queue_s or 0.0) + value
+        elif name == "vllm:request_queue_time_seconds_count":
+            queued = (queued or 0.0) + value
+    return EngineLoad(running, waiting, kv, at, queue_s, queued) if seen else None
+
+
+def engine_wait(previous: EngineLoad | None, load: EngineLoad, last: float) -> float:
+    """How long a request waits inside the engine now, from two readings: the mean time spent waiting by the
+    requests that left its queue in between (its queue-time histogram). With none leaving, 0 if nothing
+    waits and `last` (the previous figure) if something does; 0 for an engine without the histogram."""
+    if load.queue_s is None or load.queued is None:
+        return 0.0
+    if previous is None or previous.queue_s is None or previous.queued is None or load.queued < previous.queued:
+        return last if load.waiting > 0 else 0.0  # a first reading, or a restarted engine
+    left = load.queued - previous.queued
+    if left > 0:
+        return max(0.0, (load.queue_s - previous.queue_s) / left)
+    return last if load.waiting > 0 else 0.0
 
 
 @dataclass(slots=True)
@@ -110,6 +140,8 @@ class _Control:
     limit: float
     slots: float | None = None  # the engine's capacity, once seen saturated
     load: EngineLoad | None = None
+    # How long requests wait inside the engine now, in seconds (`engine_wait`).
+    engine_wait_s: float = 0.0
     metrics: bool | None = None  # None: not tried yet; False: the endpoint exposes none
     last_fresh: float = 0.0
     # Gradient2 (latency mode): per-token service time, short and long EWMAs.
@@ -128,10 +160,13 @@ class CapacityControl:
         metrics: Metrics,
         session: aiohttp.ClientSession,
         clock: Callable[[], float] = time.monotonic,
+        engine_wait: Callable[[str, float], None] | None = None,
     ) -> None:
         """`publish(pool, limits, shared)` writes a pool's limits (to Redis too when `shared`) and answers
         (total limit, permits held per endpoint, tenants waiting); `lead(pool)` says whether this replica
-        runs the pool's control (and keeps it so)."""
+        runs the pool's control (and keeps it so); `engine_wait(endpoint, seconds)` is told, at every
+        reading, how long requests wait inside that engine now."""
+        self._engine_wait = engine_wait
         self._config = config
         self._backends = backends
         self._publish = publish
@@ -212,7 +247,10 @@ class CapacityControl:
         if load is None:
             self._no_metrics(backend, control)
             return
+        control.engine_wait_s = engine_wait(control.load, load, control.engine_wait_s)
         control.metrics, control.load, control.last_fresh = True, load, load.at
+        if self._engine_wait is not None:
+            self._engine_wait(endpoint.id, control.engine_wait_s)
 
     def _no_metrics(self, backend: Backend, control: _Control) -> None:
         """An engine without vLLM's metrics: latency governs it from the configured capacity down, so a
@@ -275,6 +313,7 @@ class CapacityControl:
                 m.engine_requests.labels(backend.name, label, "running").set(control.load.running)
                 m.engine_requests.labels(backend.name, label, "waiting").set(control.load.waiting)
                 m.engine_kv_usage.labels(backend.name, label).set(control.load.kv_usage)
+                m.engine_queue_wait.labels(backend.name, label).set(control.engine_wait_s)
 
     def forget(self, backend: str, endpoint: str) -> None:
         """An endpoint left its pool: drop its state and its series."""
@@ -287,13 +326,16 @@ class CapacityControl:
             (m.engine_requests, (backend, label, "running")),
             (m.engine_requests, (backend, label, "waiting")),
             (m.engine_kv_usage, (backend, label)),
+            (m.engine_queue_wait, (backend, label)),
         ):
             with contextlib.suppress(KeyError):
                 collector.remove(*labels)
 
 
 def _reads_metrics(config: BackendConfig) -> bool:
-    return config.capacity_mode == "auto" and config.kind != "litellm"
+    # `capacity_mode: fixed` engines are read too: their limit is the operator's, but what waits inside them
+    # (and for how long) is still the wait their tenants see.
+    return config.kind != "litellm"
 
 
 def _endpoint_label(endpoint: str) -> str:

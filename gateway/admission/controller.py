@@ -153,7 +153,10 @@ class Placement:
     downgraded_from: str | None = None
     fallback_from: str | None = None
     fallback_reason: str | None = None
+    # How long it waited for its permit, and (of that) how long it is expected to wait inside the engine it
+    # was sent to: the engine's own queue time when it was sent (see `Admission.engine_wait_changed`).
     queue_wait_s: float = 0.0
+    engine_wait_s: float = 0.0
     # Fields written into the request so the engine stops where admission reserved (see admission.demand).
     inject: dict[str, int] | None = None
     _ask: PlaceAsk | None = None
@@ -226,6 +229,8 @@ class Admission:
         self._waiting: dict[str, _Waiter] = {}
         # Per pool: an EWMA of how long a request holds its permit (dispatch to release), for retry-after.
         self._service_s: dict[str, float] = {}
+        # Per endpoint: how long requests wait inside the engine now (the capacity control's reading).
+        self._engine_wait: dict[str, float] = {}
         self._limits: dict[str, int] = {}
         # Quota scopes per key, with the principal they were built for: principals are cached by the
         # authenticator and immutable, so scopes are built once per principal rather than per request. Keyed
@@ -252,6 +257,14 @@ class Admission:
         for waiter in self._waiting.values():
             if waiter.origin == origin and not waiter.granted.done():
                 waiter.granted.set_exception(_QueueLost())
+
+    def engine_wait_changed(self, endpoint: str, seconds: float) -> None:
+        """How long requests wait inside `endpoint`'s engine now: added to the queue wait of each request sent
+        there, so the wait a tenant sees includes the engine's (first come, first served, blind to weights)."""
+        if seconds > 0:
+            self._engine_wait[endpoint] = seconds
+        else:
+            self._engine_wait.pop(endpoint, None)
 
     def capacity_changed(self, pool: str, limit: int) -> None:
         """The capacity control's latest total for a pool (for retry-after estimates)."""
@@ -517,6 +530,10 @@ class Admission:
             )
         placement.endpoint = endpoint
         waited = placement._dispatched_at - queued_at
+        if self._engine_wait or placement.engine_wait_s:
+            engine = self._engine_wait.get(endpoint.id, 0.0)
+            waited += engine - placement.engine_wait_s  # after a move: in place of the failed engine's
+            placement.engine_wait_s = engine
         placement.queue_wait_s += waited
         label = self._metrics.tenant_label(placement.principal.tenant_id)
         self._metrics.child(self._metrics.queue_wait, label, placement.model.name).observe(waited)

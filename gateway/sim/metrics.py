@@ -1,12 +1,15 @@
 """/metrics in Prometheus text format, with vLLM's metric names and its `model_name` label.
 
-Written by hand rather than with prometheus_client: five series, rendered on demand from the live
-counters, cost nothing on the request path.
+Written by hand rather than with prometheus_client: five series and the queue-time histogram, rendered
+on demand from the live counters, cost nothing on the request path.
 """
 
 from __future__ import annotations
 
+import math
+
 from gateway.sim.engine import Engine
+from gateway.sim.slots import QUEUE_TIME_BOUNDS
 
 __all__ = ["CONTENT_TYPE", "render_metrics"]
 
@@ -39,4 +42,15 @@ def render_metrics(engine: Engine, model_name: str) -> bytes:
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} {kind}")
         lines.append(f'{name}{{model_name="{label}"}} {float(value)}')
+    slots = engine.slots
+    name = "vllm:request_queue_time_seconds"
+    lines.append(f"# HELP {name} Histogram of time spent in WAITING phase for request.")
+    lines.append(f"# TYPE {name} histogram")
+    below = 0
+    for bound, count in zip((*QUEUE_TIME_BOUNDS, math.inf), slots.queue_time_buckets, strict=True):
+        below += count
+        le = "+Inf" if math.isinf(bound) else repr(bound)
+        lines.append(f'{name}_bucket{{le="{le}",model_name="{label}"}} {float(below)}')
+    lines.append(f'{name}_sum{{model_name="{label}"}} {slots.queue_time_sum}')
+    lines.append(f'{name}_count{{model_name="{label}"}} {float(slots.queue_time_count)}')
     return ("\n".join(lines) + "\n").encode()

@@ -8,10 +8,15 @@ reads, so the simulator keeps its own queue.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 from collections import deque
 
-__all__ = ["Slots"]
+__all__ = ["QUEUE_TIME_BOUNDS", "Slots"]
+
+
+#: The upper bounds (seconds) of vLLM's `vllm:request_queue_time_seconds` histogram buckets, up to a minute.
+QUEUE_TIME_BOUNDS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0)
 
 
 class Slots:
@@ -19,6 +24,16 @@ class Slots:
         self.capacity = capacity
         self._free = capacity
         self._waiters: deque[asyncio.Future[None]] = deque()
+        # How long each request that got a slot waited for it (0 for one that found a slot free), as vLLM's
+        # queue-time histogram counts it: per bucket of QUEUE_TIME_BOUNDS (the last one: above them all).
+        self.queue_time_buckets = [0] * (len(QUEUE_TIME_BOUNDS) + 1)
+        self.queue_time_sum = 0.0
+        self.queue_time_count = 0
+
+    def _queued(self, seconds: float) -> None:
+        self.queue_time_sum += seconds
+        self.queue_time_count += 1
+        self.queue_time_buckets[bisect.bisect_left(QUEUE_TIME_BOUNDS, seconds)] += 1
 
     @property
     def running(self) -> int:
@@ -32,16 +47,20 @@ class Slots:
         # A free slot goes to the head of the queue first, so newcomers never overtake waiters.
         if self._free > 0 and not self._waiters:
             self._free -= 1
+            self._queued(0.0)
             return True
         return False
 
     async def acquire(self) -> None:
         if self.try_acquire():
             return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
+        queued_at = loop.time()
         try:
             await waiter
+            self._queued(loop.time() - queued_at)
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 # The slot was handed over just as the waiter gave up: pass it on.

@@ -182,6 +182,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.engine_queue_wait = Gauge(
+            "gateway_engine_queue_wait_seconds",
+            "How long requests wait inside the engine now: the mean queue time of those that left its queue "
+            "since the last reading (vLLM's vllm:request_queue_time_seconds). Added to each request's queue wait.",
+            ["backend", "endpoint"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.endpoint_requests = Counter(
             "gateway_endpoint_requests",
             "Requests served by one engine endpoint.",
