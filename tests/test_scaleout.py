@@ -291,7 +291,9 @@ def test_a_wait_inside_the_engine_is_part_of_the_tenants_queue_wait(
     sim = start_sim("--ttft-ms", "1", "--itl-ms", "5", "--max-concurrency", str(SLOTS), log_dir=workdir)
     billing = workdir / "billing.jsonl"
     cfg = config(redis_srv, sim, billing={"sinks": [{"kind": "jsonl", "path": str(billing)}]})
-    cfg["backends"][0]["capacity_mode"] = "fixed"
+    # A pool of its own: the module's replicas share this Redis, and a pool's limits are written by its leader.
+    cfg["backends"][0].update(name="fixed", capacity_mode="fixed")
+    cfg["models"][0]["backends"] = ["fixed"]
     gw = start_gateway(cfg, workdir / "gw")
     try:
         key = tenant_with_key(gw.url, gw.admin_key, "engineq")
