@@ -275,33 +275,30 @@ class InferenceHandler:
         headers = backend_headers(backend, record.request_id, self._backend_keys.get(backend.name))
         payload = self._payload(request, placement)
         pool = self._connections[backend.name].to(placement.endpoint.id)
-        answer: tuple[int, bytes] = (0, b"")
-
-        async def call() -> None:
-            nonlocal answer
-            with self._tracing.client_span(request.endpoint, model.upstream_name, backend.name, backend.config.kind):
-                async with await pool.request("POST", _PATHS[request.endpoint], payload, headers) as resp:
-                    answer = (resp.status, await resp.read())
-
         # From here the backend may be working on it: a client or a gateway that stops waiting still pays for
         # the prompt.
         record.processed = True
+        gone = None
+        if direct is not None:
+            # Under the gateway's own server a client that leaves cancels this task at once (which closes the
+            # backend connection, which stops the generation), and its permit comes back: no task for it.
+            gone = _Canceller(asyncio.current_task())
+            direct.on_gone(gone)
         try:
-            if direct is None:
-                await call()
-            else:
-                # Under the gateway's own server a client that leaves cancels the call at once (which closes the
-                # backend connection, which stops the generation), and its permit comes back: no task for it.
-                client_gone, exc = await _watched_by_server(call(), direct)
-                if client_gone:
-                    record.status, record.partial = CLIENT_GONE, True
-                    return
-                if exc is not None:
-                    raise exc
+            with self._tracing.client_span(request.endpoint, model.upstream_name, backend.name, backend.config.kind):
+                async with await pool.request("POST", _PATHS[request.endpoint], payload, headers) as resp:
+                    status, data = resp.status, await resp.read()
         except httpclient.UpstreamError as exc:
             record.processed = False
             raise self._failed_to_answer(placement, exc) from None
-        status, data = answer
+        except asyncio.CancelledError:
+            if gone is not None and gone.fired and gone.task.uncancel() == 0:
+                record.status, record.partial = CLIENT_GONE, True
+                return  # our own cancellation, not the server's
+            raise
+        finally:
+            if direct is not None:
+                direct.on_gone(None)
         self._backends.succeeded(backend, placement.endpoint)
         self._metrics.child(self._metrics.upstream_latency, backend.name).observe(time.perf_counter() - record.started)
         if status >= 400:
@@ -564,6 +561,21 @@ def _model_object(model: ModelConfig) -> dict[str, object]:
     return {"id": model.name, "object": "model", "created": 0, "owned_by": "gateway"}
 
 
+class _Canceller:
+    """Cancels `task` when the gateway's server calls it (its client went away); `fired` says it did."""
+
+    __slots__ = ("fired", "task")
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        assert task is not None
+        self.task = task
+        self.fired = False
+
+    def __call__(self) -> None:
+        self.fired = True
+        self.task.cancel()
+
+
 async def _watched_by_task(work: Coroutine[Any, Any, None], receive: Receive) -> tuple[bool, BaseException | None]:
     """Run `work` while a second task watches for the client going away (any ASGI server).
 
@@ -594,20 +606,12 @@ async def _watched_by_server(
     """Run `work` in this task; the gateway's server calls back when the client goes away, which cancels it.
 
     The same contract as `_watched_by_task`, without a second task and `asyncio.wait` per stream."""
-    me = asyncio.current_task()
-    assert me is not None
-    gone = False
-
-    def on_gone() -> None:
-        nonlocal gone
-        gone = True
-        me.cancel()
-
-    direct.on_gone(on_gone)
+    gone = _Canceller(asyncio.current_task())
+    direct.on_gone(gone)
     try:
         await work
     except asyncio.CancelledError as exc:
-        if gone and me.uncancel() == 0:
+        if gone.fired and gone.task.uncancel() == 0:
             exc.__traceback__ = None  # its frames would otherwise wait for the garbage collector
             return True, None  # our own cancellation, not the server's
         raise
