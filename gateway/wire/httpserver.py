@@ -98,6 +98,8 @@ def _status_line(status: int) -> bytes:
     return f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
 
 
+# The response headers that frame the answer (the server writes its own `connection` header).
+_FRAMING = frozenset((b"content-length", b"connection"))
 _STATUS = {status: _status_line(status) for status in range(100, 600)}
 
 
@@ -160,7 +162,8 @@ class _Exchange:
         self.rejected = False  # the protocol answered for the app (408, 500): the app's sends are dropped
         self.gone_callback: Callable[[], None] | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self.pending_start: tuple[int, list[tuple[bytes, bytes]]] | None = None
+        # (status, headers, content-length or None, the app asked to close): the head not written yet.
+        self.pending_start: tuple[int, list[tuple[bytes, bytes]], int | None, bool] | None = None
         self.response_started = False
         self.response_complete = False
         self._chunked = False
@@ -256,14 +259,24 @@ class _Exchange:
                 raise RuntimeError("the response has already started")
             status: int = message["status"]
             headers = list(message.get("headers", ()))
-            self.pending_start = (status, headers)
+            # The two headers that say how the answer is framed, found in one pass.
+            length: int | None = None
+            close = False
+            for name, value in headers:
+                lname = name.lower()
+                if lname in _FRAMING:
+                    if lname == b"content-length":
+                        length = int(value)
+                    elif b"close" in value.lower():
+                        close = True
+            self.pending_start = (status, headers, length, close)
             if self.continue_wanted and not self.complete:
                 # The client waits for a `100 Continue` that will not come: it may never send that body.
                 self.keep_alive = False
             self.continue_wanted = False
-            if not any(name.lower() == b"content-length" for name, _ in headers):
+            if length is None:
                 # A stream: the head goes out now, so the client sees the status before the first event.
-                self._write_head(status, headers, None)
+                self._write_head(status, headers, length, close, None)
             return
         if kind != "http.response.body":
             raise RuntimeError(f"unexpected ASGI message {kind!r}")
@@ -274,8 +287,8 @@ class _Exchange:
         if not self.response_started:
             if self.pending_start is None:
                 raise RuntimeError("http.response.body before http.response.start")
-            status, headers = self.pending_start
-            self._write_head(status, headers, body if not self._chunked else None)
+            status, headers, length, close = self.pending_start
+            self._write_head(status, headers, length, close, body if not self._chunked else None)
             if not self._chunked:
                 body = b""  # written with the head
         if body and not self._head_only:
@@ -297,25 +310,21 @@ class _Exchange:
                 return
             conn.response_done(self)
 
-    def _write_head(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes | None) -> None:
+    def _write_head(
+        self, status: int, headers: list[tuple[bytes, bytes]], length: int | None, close: bool, body: bytes | None
+    ) -> None:
         conn = self._conn
         self.response_started = True
         self.pending_start = None
+        if close:
+            self.keep_alive = False
+            # Written below, once.
+            headers = [h for h in headers if h[0].lower() != b"connection" or b"close" not in h[1].lower()]
+        defaults = conn.default_headers()
         parts = [_STATUS.get(status) or _status_line(status)]
-        length: int | None = None
-        lines = 1
-        for name, value in conn.default_headers():
-            parts += (name, b": ", value, b"\r\n")
-            lines += 1
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                length = int(value)
-            elif lname == b"connection" and b"close" in value.lower():
-                self.keep_alive = False
-                continue  # written below, once
-            parts += (name, b": ", value, b"\r\n")
-            lines += 1
+        parts += [b"%b: %b\r\n" % (name, value) for name, value in defaults]
+        parts += [b"%b: %b\r\n" % (name, value) for name, value in headers]  # ASGI allows [name, value] lists
+        lines = 1 + len(defaults) + len(headers)
         if length is None and status >= 200 and status not in (204, 304):
             self._chunked = True
             parts.append(b"transfer-encoding: chunked\r\n")
@@ -366,6 +375,9 @@ class HttpProtocol(asyncio.Protocol):
         if not config.loaded:
             config.load()
         self.limits = limits
+        # Read for every header line: kept at hand.
+        self._max_head = limits.max_header_bytes
+        self._max_headers = limits.max_headers
         self.app = config.loaded_app
         self.loop = _loop or asyncio.get_event_loop()
         self._state = server_state
@@ -503,7 +515,7 @@ class HttpProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self._headers
         self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self.limits.max_header_bytes or len(headers) >= self.limits.max_headers:
+        if self._head_bytes > self._max_head or len(headers) >= self._max_headers:
             raise _HeadTooLarge
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
