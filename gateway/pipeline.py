@@ -205,7 +205,7 @@ class InferenceHandler:
         record.placement = placement
         record.model_label = placement.model.name
         record.event_id = "evt_" + unique_id()
-        self._metrics.child(self._metrics.inflight, record.tenant_label).inc()
+        self._metrics.adder(self._metrics.inflight, record.tenant_label)(1)
         try:
             direct: DirectWriter | None = scope.get("gateway.exchange")
             while True:
@@ -219,7 +219,7 @@ class InferenceHandler:
                     if not await self._admission.move(placement, failover.reason, receive=receive):
                         raise failover.error from None
         finally:
-            self._metrics.child(self._metrics.inflight, record.tenant_label).dec()
+            self._metrics.adder(self._metrics.inflight, record.tenant_label)(-1)
 
     def _authorise(self, principal: Principal, name: str, record: Record) -> ModelConfig:
         model = self._models.get(name)
@@ -300,7 +300,7 @@ class InferenceHandler:
             if direct is not None:
                 direct.on_gone(None)
         self._backends.succeeded(backend, placement.endpoint)
-        self._metrics.child(self._metrics.upstream_latency, backend.name).observe(time.perf_counter() - record.started)
+        self._metrics.observer(self._metrics.upstream_latency, backend.name)(time.perf_counter() - record.started)
         if status >= 400:
             record.processed = False
             raise self._error_answer(backend, status, data)
@@ -414,25 +414,25 @@ class InferenceHandler:
         cost, currency = self._billing.cost(model, usage.prompt_tokens, usage.completion_tokens, backend)
         tenant = record.tenant_label
         duration = time.perf_counter() - record.started
-        m.child(m.requests, tenant, model, str(record.status)).inc()
-        m.child(m.duration, tenant, model).observe(duration)
+        m.adder(m.requests, tenant, model, str(record.status))(1)
+        m.observer(m.duration, tenant, model)(duration)
         if record.ttft_s is not None:
-            m.child(m.ttft, tenant, model).observe(record.ttft_s)
+            m.observer(m.ttft, tenant, model)(record.ttft_s)
         if usage.prompt_tokens:
-            m.child(m.tokens, tenant, model, "prompt").inc(usage.prompt_tokens)
+            m.adder(m.tokens, tenant, model, "prompt")(usage.prompt_tokens)
         if usage.completion_tokens:
-            m.child(m.tokens, tenant, model, "completion").inc(usage.completion_tokens)
+            m.adder(m.tokens, tenant, model, "completion")(usage.completion_tokens)
         if usage.cached_tokens:
-            m.child(m.tokens, tenant, model, "cached").inc(usage.cached_tokens)
+            m.adder(m.tokens, tenant, model, "cached")(usage.cached_tokens)
         if cost:
-            m.child(m.spend, tenant, currency).inc(cost)
+            m.adder(m.spend, tenant, currency)(cost)
         if record.processed or record.engine_usage is not None:
             endpoint = placement.endpoint.id.split("://", 1)[-1]
-            m.child(m.endpoint_requests, backend, endpoint).inc()
+            m.adder(m.endpoint_requests, backend, endpoint)(1)
             if usage.prompt_tokens:
-                m.child(m.endpoint_tokens, backend, endpoint, "prompt").inc(usage.prompt_tokens)
+                m.adder(m.endpoint_tokens, backend, endpoint, "prompt")(usage.prompt_tokens)
             if usage.cached_tokens:
-                m.child(m.endpoint_tokens, backend, endpoint, "cached").inc(usage.cached_tokens)
+                m.adder(m.endpoint_tokens, backend, endpoint, "cached")(usage.cached_tokens)
         principal = placement.principal
         self._ledger.record(
             principal.tenant_id,

@@ -12,6 +12,7 @@ A light background load keeps running while the panels are queried, so latency q
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import re
@@ -467,3 +468,66 @@ def test_every_recording_rule_has_data(observed: Observed, name: str) -> None:
 def test_salt_alert_is_pending_for_the_backend_that_ignores_salts(observed: Observed) -> None:
     result = observed.prometheus.query('ALERTS{alertname="GatewayBackendIgnoresCacheSalt"}')
     assert [(r["metric"]["backend"], r["metric"]["alertstate"]) for r in result] == [("legacy", "pending")]
+
+
+@pytest.mark.parametrize("workers", [False, True])
+def test_the_request_paths_fast_updates_match_the_public_api(workers: bool, tmp_path: Path) -> None:
+    """`Metrics.adder` and `Metrics.observer` write prometheus_client's values directly (the request path's
+    updates, without the library's per-call checks): the exposition must be what the public API gives, in
+    one process and with --workers' shared files, so a library upgrade that changes the internals fails here."""
+    from prometheus_client import values
+    from prometheus_client.mmap_dict import MmapedDict
+
+    from gateway.telemetry.metrics import Metrics
+
+    original = values.ValueClass
+
+    def exposition(fast: bool, directory: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+        if workers:
+            directory.mkdir()
+            # What --workers sets up before its workers start (the values then live in shared files).
+            monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
+            values.ValueClass = values.MultiProcessValue(lambda: 1234)
+        try:
+            m = Metrics(multiprocess_dir=str(directory) if workers else None)
+            for tenant, n in (("a", 3), ("b", 1)):
+                for i in range(n):
+                    wait, tokens = 0.0004 * 10**i, 7 * (i + 1)
+                    if fast:
+                        m.adder(m.requests, tenant, "m", "200")(1)
+                        m.adder(m.tokens, tenant, "m", "prompt")(tokens)
+                        m.adder(m.spend, tenant, "USD")(0.125)
+                        m.adder(m.inflight, tenant)(1)
+                        m.adder(m.inflight, tenant)(-1)
+                        m.observer(m.queue_wait, tenant, "m")(wait)
+                        m.observer(m.duration, tenant, "m")(wait * 50)
+                        m.observer(m.duration, tenant, "m")(10_000.0)  # beyond the last bound: +Inf only
+                        m.observer(m.duration, tenant, "m")(0.25)  # on a bound: in its bucket
+                    else:
+                        m.requests.labels(tenant, "m", "200").inc()
+                        m.tokens.labels(tenant, "m", "prompt").inc(tokens)
+                        m.spend.labels(tenant, "USD").inc(0.125)
+                        m.inflight.labels(tenant).inc()
+                        m.inflight.labels(tenant).dec()
+                        m.queue_wait.labels(tenant, "m").observe(wait)
+                        m.duration.labels(tenant, "m").observe(wait * 50)
+                        m.duration.labels(tenant, "m").observe(10_000.0)
+                        m.duration.labels(tenant, "m").observe(0.25)
+            text = m.exposition().decode()
+            del m
+        finally:
+            values.ValueClass = original
+            # The library never closes its value files: this test's, closed here.
+            for held in gc.get_objects():
+                if isinstance(held, MmapedDict) and held._fname.startswith(str(directory)):
+                    held.close()
+        # Timestamps of creation differ between the two runs; nothing else may.
+        return "\n".join(line for line in text.splitlines() if "_created" not in line)
+
+    with pytest.MonkeyPatch.context() as patch:
+        fast = exposition(True, tmp_path / "fast", patch)
+    with pytest.MonkeyPatch.context() as patch:
+        public = exposition(False, tmp_path / "public", patch)
+    assert 'gateway_queue_wait_seconds_bucket{le="0.001",model="m",tenant="a"} 1.0' in fast
+    assert 'gateway_requests_total{model="m",status="200",tenant="a"} 3.0' in fast
+    assert fast == public

@@ -536,7 +536,7 @@ class Admission:
             placement.engine_wait_s = engine
         placement.queue_wait_s += waited
         label = self._metrics.tenant_label(placement.principal.tenant_id)
-        self._metrics.child(self._metrics.queue_wait, label, placement.model.name).observe(waited)
+        self._metrics.observer(self._metrics.queue_wait, label, placement.model.name)(waited)
 
     async def _wait(self, placement: Placement, ask: PlaceAsk, decision: Decision, receive: Receive) -> Permit:
         """Wait in the queue for a permit; leave the queue at once when the client goes away, and with a 429

@@ -13,6 +13,8 @@ if any worker saw it so) or the min (`backend_up`: up only if every worker reach
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
@@ -29,6 +31,8 @@ class Metrics:
         self._multiprocess_dir = multiprocess_dir
         self._tenants: set[str] = set()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._adders: dict[tuple[int, tuple[str, ...]], Callable[[float], None]] = {}
+        self._observers: dict[tuple[int, tuple[str, ...]], Callable[[float], None]] = {}
         self._max_tenants = max_tenants
         # Upper bounds of the queue-wait histogram (seconds); the live stats report them with the counts.
         self.queue_wait_bounds = (0.001, *_LATENCY_BUCKETS)
@@ -235,6 +239,34 @@ class Metrics:
             ["tenant", "model"],
             registry=r,
         )
+
+    def adder(self, metric: Counter | Gauge, *labels: str) -> Callable[[float], None]:
+        """`metric.labels(*labels).inc` for the request path, memoised: the child's value's own `inc`, without
+        the library's checks on every call (that the child is not a labelled parent, that a counter's amount
+        is not negative), which hold here by construction: children only, counts and costs. Half the calls
+        per update; prometheus_client is pinned, and tests/test_observability.py checks both against the public
+        API. A gauge goes down with a negative amount."""
+        key = (id(metric), labels)
+        found = self._adders.get(key)
+        if found is None:
+            found = self._adders[key] = self.child(metric, *labels)._value.inc
+        return found
+
+    def observer(self, metric: Histogram, *labels: str) -> Callable[[float], None]:
+        """`metric.labels(*labels).observe` for the request path, memoised: the bucket found by bisection and
+        the child's values updated directly (see `adder`)."""
+        key = (id(metric), labels)
+        found = self._observers.get(key)
+        if found is None:
+            child = self.child(metric, *labels)
+            bounds, buckets, total = tuple(child._upper_bounds), child._buckets, child._sum
+
+            def observe(amount: float) -> None:
+                total.inc(amount)
+                buckets[bisect.bisect_left(bounds, amount)].inc(1)
+
+            found = self._observers[key] = observe
+        return found
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, memoised: label values are bounded, and `labels()` costs a lock and
