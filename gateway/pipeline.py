@@ -426,13 +426,13 @@ class InferenceHandler:
             m.adder(m.tokens, tenant, model, "cached")(usage.cached_tokens)
         if cost:
             m.adder(m.spend, tenant, currency)(cost)
+        engine = placement.endpoint.id.split("://", 1)[-1]  # host:port, as in the metrics' labels
         if record.processed or record.engine_usage is not None:
-            endpoint = placement.endpoint.id.split("://", 1)[-1]
-            m.adder(m.endpoint_requests, backend, endpoint)(1)
+            m.adder(m.endpoint_requests, backend, engine)(1)
             if usage.prompt_tokens:
-                m.adder(m.endpoint_tokens, backend, endpoint, "prompt")(usage.prompt_tokens)
+                m.adder(m.endpoint_tokens, backend, engine, "prompt")(usage.prompt_tokens)
             if usage.cached_tokens:
-                m.adder(m.endpoint_tokens, backend, endpoint, "cached")(usage.cached_tokens)
+                m.adder(m.endpoint_tokens, backend, engine, "cached")(usage.cached_tokens)
         principal = placement.principal
         self._ledger.record(
             principal.tenant_id,
@@ -453,6 +453,7 @@ class InferenceHandler:
                 "key_id": principal.key.id,
                 "model": model,
                 "backend": backend,
+                "engine": engine,
                 "endpoint": record.endpoint,
                 "prompt_tokens": usage.prompt_tokens,
                 "completion_tokens": usage.completion_tokens,

@@ -9,6 +9,7 @@ per simulator, all on one port, so endpoints join and leave as a headless Servic
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import threading
@@ -72,7 +73,9 @@ def served_by(engines: list[SimHandle]) -> list[int]:
 
 
 def test_spreading_over_a_pool_is_normal_operation_not_a_fallback(engines: list[SimHandle], tmp_path: Path) -> None:
-    gw = start_gateway(pool_config(engines, affinity="none"), tmp_path)
+    billing = tmp_path / "billing.jsonl"
+    sinks = {"sinks": [{"kind": "jsonl", "path": str(billing)}]}
+    gw = start_gateway(pool_config(engines, affinity="none", billing=sinks), tmp_path)
     try:
         key = tenant_with_key(gw.url, gw.admin_key, "spread")
         before = served_by(engines)
@@ -99,6 +102,10 @@ def test_spreading_over_a_pool_is_normal_operation_not_a_fallback(engines: list[
         assert not any("x-gateway-fallback-from" in h for h in headers)
     finally:
         gw.stop()
+    # Each usage event names the engine that served it: the engines' own counts, event by event.
+    events = [json.loads(line)["data"] for line in billing.read_text().splitlines()]
+    billed = Counter(e["engine"] for e in events if e["tenant"] == "spread")
+    assert [billed[e.url.removeprefix("http://")] for e in engines] == counts
 
 
 def test_a_scopes_prefix_sticks_to_one_engine_and_hits_its_cache(engines: list[SimHandle], tmp_path: Path) -> None:
