@@ -111,14 +111,19 @@ class Load:
             thread.join(30)
 
 
-def engine_gauges(engine: SimHandle) -> tuple[float, float]:
-    running = waiting = 0.0
+def engine_sums(engine: SimHandle, first: str, second: str) -> tuple[float, float]:
+    """Two of the engine's own series, each summed over its label sets."""
+    sums = {first: 0.0, second: 0.0}
     for line in httpx.get(engine.url + "/metrics").text.splitlines():
-        if line.startswith("vllm:num_requests_running"):
-            running += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("vllm:num_requests_waiting"):
-            waiting += float(line.rsplit(" ", 1)[1])
-    return running, waiting
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in sums:
+            sums[name] += float(line.rsplit(" ", 1)[1])
+    return sums[first], sums[second]
+
+
+def engine_gauges(engine: SimHandle) -> tuple[float, float]:
+    """The engine's running and waiting requests."""
+    return engine_sums(engine, "vllm:num_requests_running", "vllm:num_requests_waiting")
 
 
 def sample_engine(engine: SimHandle, seconds: float) -> tuple[list[float], list[float]]:
@@ -273,13 +278,7 @@ def test_permits_granted_to_a_dead_replicas_waiting_requests_come_back_at_once(
 
 def engine_queue_time(engine: SimHandle) -> tuple[float, float]:
     """The engine's own queue-time histogram: (sum of seconds, requests)."""
-    total = count = 0.0
-    for line in httpx.get(engine.url + "/metrics").text.splitlines():
-        if line.startswith("vllm:request_queue_time_seconds_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("vllm:request_queue_time_seconds_count"):
-            count += float(line.rsplit(" ", 1)[1])
-    return total, count
+    return engine_sums(engine, "vllm:request_queue_time_seconds_sum", "vllm:request_queue_time_seconds_count")
 
 
 def test_a_wait_inside_the_engine_is_part_of_the_tenants_queue_wait(
