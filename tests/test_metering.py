@@ -100,6 +100,9 @@ def no_faults(sims: tuple[SimHandle, SimHandle]) -> Iterator[None]:
     yield
     for sim in sims:
         sim.set_faults("none")
+    # A test's faults may have ejected an engine (three failures in a row): the next health probe (every
+    # 0.5 s here) brings it back, before the next test asks for a model it alone serves.
+    time.sleep(0.6)
 
 
 class Tenant:
