@@ -352,9 +352,7 @@ class InferenceHandler:
                     raise self._failed_to_answer(placement, exc) from None
                 self._backends.succeeded(backend, placement.endpoint)
                 async with resp:
-                    self._metrics.child(self._metrics.upstream_latency, backend.name).observe(
-                        time.perf_counter() - started
-                    )
+                    self._metrics.observer(self._metrics.upstream_latency, backend.name)(time.perf_counter() - started)
                     if resp.status != 200:
                         raise self._error_answer(backend, resp.status, await resp.read())
                     await send({"type": "http.response.start", "status": 200, "headers": response_headers})

@@ -334,7 +334,7 @@ class Admission:
         permit, placement._permit = placement._permit, None
         if permit is not None:
             await self._give_back(ask, permit)
-        ask = dataclasses.replace(ask, waiter=_waiter_id(), pools=(self._pool_ask(nxt, placement),), spill=False)
+        ask = dataclasses.replace(ask, waiter=unique_id(), pools=(self._pool_ask(nxt, placement),), spill=False)
         placement._ask = ask
         decision = await self._quotas.admit(ask.tenant, (), tokens=0, cost=0.0, lease_ttl_s=self._lease_ttl, place=ask)
         await self._placed(placement, decision, ask, [nxt], receive)
@@ -429,7 +429,7 @@ class Admission:
         offered = candidates if spill else candidates[:1]
         first_backend = candidates[0].backend
         ask = PlaceAsk(
-            waiter=_waiter_id(),
+            waiter=unique_id(),
             tenant=tenant.id,
             weight=tenant.weight,
             band=tenant.priority,
@@ -552,7 +552,7 @@ class Admission:
                 try:
                     endpoint, origin = await self._granted(placement, ask, decision, receive, deadline)
                 except _QueueLost:
-                    ask = dataclasses.replace(ask, waiter=_waiter_id(), pools=ask.pools[:1], spill=False)
+                    ask = dataclasses.replace(ask, waiter=unique_id(), pools=ask.pools[:1], spill=False)
                     placement._ask = ask
                     decision = await self._quota_admit(ask.tenant, (), 0, 0.0, None, ask)
                     if not decision.allowed:
@@ -808,10 +808,6 @@ class Admission:
                 task = loop.create_task(self._quotas.renew(reservation, permit, ttl_s=self._lease_ttl))
                 task.add_done_callback(_log_failure)
         self._sweep = loop.call_later(self._lease_ttl / 6, self._renew_due)
-
-
-def _waiter_id() -> str:
-    return unique_id()
 
 
 def _load_factor(backend: Backend, scope_salt: str) -> float:
